@@ -1,0 +1,289 @@
+"""The Python API: what the CLI does, callable from distribution scripts.
+
+    from wmtrace import api
+    reg = api.open_registry("registry", create=True)
+    api.init(reg, "my-model", "master.safetensors", "mypkg.models:build", data="mypkg.data:dataset")
+    buyers = api.issue(reg, buyers=10, out="copies/")
+    result = api.trace("leaked.onnx", reg)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from . import carriers as carriers_mod
+from . import codes, embed, fidelity, formats, keys
+from .errors import BadInput
+from .registry import Buyer, Master, Registry
+from .trace import trace as _trace
+from .trace import trace_tensors
+
+EXAMPLE_MASTER = "fashion-cnn"
+EXAMPLE_FACTORY = "wmtrace.example:build"
+EXAMPLE_DATA = "wmtrace.example:dataset"
+
+# (buyer index, buyer count, repair step, repair steps, hinge loss) -> None
+Progress = Callable[[int, int, int, int, float], None]
+
+
+def open_registry(path: str | os.PathLike | None = None, create: bool = False) -> Registry:
+    return Registry(path, create=create)
+
+
+def import_object(spec: str) -> Callable:
+    """`module:attr` -> the object. The module must be importable (installed, or in the cwd)."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise BadInput(f"{spec!r}: expected an import path of the form module:function")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise BadInput(f"{spec!r}: cannot import ({e})") from e
+    if not callable(obj):
+        raise BadInput(f"{spec!r} is not callable")
+    return obj
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_model(m: Master) -> nn.Module:
+    model = import_object(m.factory)()
+    try:
+        model.load_state_dict(load_file(str(m.weights)), strict=True)
+    except Exception as e:
+        raise BadInput(f"master {m.name!r}: weights do not fit {m.factory} ({e})") from e
+    return model.eval()
+
+
+def _dataset(spec: str | None, split: str) -> Dataset | None:
+    if spec is None:
+        return None
+    ds = import_object(spec)(split)
+    if ds is not None and not isinstance(ds, Dataset):
+        raise BadInput(f"{spec}({split!r}) must return a torch Dataset, got {type(ds).__name__}")
+    return ds
+
+
+def _tensors(ds: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Held-out data as tensors: inputs and labels (None when the data set has none)."""
+    if isinstance(ds, TensorDataset):
+        ts = [t[:limit] for t in ds.tensors]
+    else:
+        xs, ys = [], []
+        for batch in DataLoader(ds, batch_size=512):
+            x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+            xs.append(x)
+            if y is not None:
+                ys.append(y)
+            if limit is not None and sum(len(a) for a in xs) >= limit:
+                break
+        ts = [torch.cat(xs)[:limit]] + ([torch.cat(ys)[:limit]] if ys else [])
+    return ts[0], (ts[1] if len(ts) > 1 else None)
+
+
+def _batches(ds: Dataset, batch_size: int, seed: int) -> Iterator:
+    """Endless shuffled batches; a fresh seeded order per buyer."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield from DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
+
+
+def init(
+    reg: Registry,
+    name: str,
+    weights: str | os.PathLike,
+    factory: str,
+    data: str | None = None,
+    carriers: list[str] | None = None,
+    bits: int = 256,
+    layers: int = 2,
+    strength: float = embed.EmbedConfig.strength,
+    steps: int = embed.EmbedConfig.steps,
+    eval_samples: int | None = None,
+) -> Master:
+    """Register a master: copy its weights into the registry, choose carriers, create its key."""
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith("."):
+        raise BadInput(f"master name {name!r}: use letters, digits, '-', '_' and '.'")
+    if any(m.name == name for m in reg.masters()):
+        raise BadInput(f"master {name!r} is already registered")
+    spec = codes.CodeSpec(symbols=bits // 8)
+    if bits % 8 or bits < 72:
+        raise BadInput(f"--bits {bits}: use a multiple of 8, at least 72")
+    try:
+        spec.validate()
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    arrays = formats.load_tensors(weights)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    chosen = carriers_mod.select(state, spec.bits, carriers, count=layers)
+
+    # The model must build and accept the weights before anything is written.
+    model = import_object(factory)()
+    try:
+        model.load_state_dict(load_file(str(weights)) if str(weights).endswith(".safetensors") else state)
+    except Exception as e:
+        raise BadInput(f"{weights}: weights do not fit the model built by {factory} ({e})") from e
+    model.eval()
+    accuracy = None
+    test = _dataset(data, "test")
+    if test is not None:
+        inputs, labels = _tensors(test, eval_samples)
+        if labels is not None:
+            accuracy = fidelity.evaluate(model, inputs, labels)
+
+    config = {
+        "code": {"symbols": spec.symbols, "name": spec.name},
+        "carriers": [
+            {**c.to_dict(), "margin": embed.margin(state[c.name], c, strength)} for c in chosen
+        ],
+        "embed": {**asdict(embed.EmbedConfig()), "strength": strength, "steps": steps},
+        "eval_samples": eval_samples,
+    }
+    dest = reg.root / "masters" / f"{name}.safetensors"
+    formats.save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, dest)
+    key = keys.generate()
+    try:
+        keys.write(reg.key_path(name), key)
+        m = Master(name, dest, sha256_file(dest), factory, data, config, keys.fingerprint(key), accuracy)
+        reg.add_master(m)
+    except BaseException:
+        reg.key_path(name).unlink(missing_ok=True)
+        dest.unlink(missing_ok=True)
+        raise
+    return m
+
+
+def ensure_example(reg: Registry, epochs: int = 2, progress: Callable[[int, int], None] | None = None) -> Master:
+    """The bundled Fashion-MNIST master, trained once and registered, for commands run with no setup."""
+    for m in reg.masters():
+        if m.name == EXAMPLE_MASTER:
+            return m
+    from . import example
+
+    trained = reg.root / "cache" / f"{EXAMPLE_MASTER}.safetensors"
+    if not trained.exists():
+        example.train_master(trained, epochs=epochs, progress=progress)
+    return init(reg, EXAMPLE_MASTER, trained, EXAMPLE_FACTORY, EXAMPLE_DATA)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".wmtrace-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise BadInput(f"{out}: output folder is not writable ({e.strerror})") from e
+
+
+def issue(
+    reg: Registry,
+    buyers: int | None = None,
+    names: list[str] | None = None,
+    out: str | os.PathLike | None = None,
+    master: str | None = None,
+    progress: Progress | None = None,
+    seed: int | None = None,
+) -> list[Buyer]:
+    """Issue buyer copies: reserve IDs, embed, verify by tracing, write, record.
+
+    Each copy is written atomically and recorded only after it traces back to its own buyer;
+    a crash leaves a reservation that the next call completes.
+    """
+    if names is None:
+        if buyers is None or buyers < 1:
+            raise BadInput("--buyers must be at least 1")
+        wanted: list[str | None] = [None] * buyers
+    else:
+        if buyers is not None and buyers != len(names):
+            raise BadInput(f"--buyers {buyers} does not match the {len(names)} names given")
+        if len(set(names)) != len(names) or not all(n.strip() for n in names):
+            raise BadInput("buyer names must be unique and non-empty")
+        wanted = [n.strip() for n in names]
+    m = reg.master(master) if master or reg.masters() else ensure_example(reg)
+    out = Path(out) if out is not None else Path.cwd() / "buyers" / m.name
+    _check_writable(out)
+
+    key = reg.key(m.name)
+    model_master = build_model(m)
+    state_master = {k: v.clone() for k, v in model_master.state_dict().items()}
+    cfg = embed.EmbedConfig(**m.config["embed"])
+    carriers = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
+    margins = [d["margin"] for d in m.config["carriers"]]
+    projections = [c.projection(key) for c in carriers]
+    spec = codes.CodeSpec(**m.config["code"])
+    train = _dataset(m.data, "train")
+    if train is None:
+        raise BadInput(f"master {m.name!r} has no data entry point to fine-tune on")
+    test = _dataset(m.data, "test")
+    held_out = _tensors(test, m.config.get("eval_samples")) if test is not None else None
+
+    reserved = reg.reserve(m.name, wanted)
+    done: list[Buyer] = []
+    try:
+        for i, b in enumerate(reserved):
+            bits = codes.codeword(key, m.name, b.id, spec)
+            state = {k: v.clone() for k, v in state_master.items()}
+            embed.place(state, carriers, projections, margins, bits)
+            model = import_object(m.factory)()
+            model.load_state_dict(state)
+            step_cb = (lambda s, h, i=i: progress(i, len(reserved), s, cfg.steps, h)) if progress else None
+            batches = _batches(train, cfg.batch_size, seed=(seed if seed is not None else b.id))
+            b.margin = embed.repair(
+                model, model_master, batches, carriers, projections, margins, bits, cfg, step_cb
+            )
+            model.eval()
+            final = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            _verify(reg, m, b, final)
+            if held_out is not None:
+                inputs, labels = held_out
+                b.agreement = fidelity.agreement(model, model_master, inputs)
+                b.accuracy = fidelity.evaluate(model, inputs, labels) if labels is not None else None
+            path = out / f"{b.name}.safetensors"
+            formats.save_safetensors(final, path)
+            b.file, b.sha256, b.status = str(path.resolve()), sha256_file(path), "issued"
+            b.codeword = np.packbits(bits).tobytes().hex()
+            reg.complete(b)
+            done.append(b)
+    except BaseException:
+        reg.release(m.name, [b.id for b in reserved if b.status != "issued"])
+        raise
+    return done
+
+
+def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor]) -> None:
+    """Trace the copy before it leaves: a copy that would not name its buyer is never issued."""
+    arrays = {k: v.numpy() for k, v in state.items()}
+    result = trace_tensors(arrays, reg, master=m.name, pending=[b])
+    if result.verdict != "identified" or result.buyer is None or result.buyer["id"] != b.id:
+        raise BadInput(f"buyer {b.name!r}: the embedded mark did not verify ({result.reason or result.verdict})")
+
+
+def trace(path: str | os.PathLike, reg: Registry, master: str | None = None, max_false_positive: float = 1e-6):
+    return _trace(path, reg, master, max_false_positive)
+
+
+def list_buyers(reg: Registry, master: str | None = None) -> list[Buyer]:
+    return reg.buyers(master)

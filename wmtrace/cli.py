@@ -1,0 +1,246 @@
+"""`wmtrace` command line: a thin layer over `wmtrace.api`.
+
+Every command takes `--registry DIR` (default: $WMTRACE_REGISTRY or ./registry) and `--json`.
+Exit codes: 0 success / buyer identified, 1 no buyer identified, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import api
+from .errors import WmtraceError
+
+app = typer.Typer(
+    help="Per-buyer watermarks for neural network weights, and tracing of leaked copies.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+RegistryOpt = Annotated[
+    Path | None, typer.Option("--registry", help="Registry folder [default: $WMTRACE_REGISTRY or ./registry]")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
+MasterOpt = Annotated[str | None, typer.Option("--master", help="Registered master [default: the only one]")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """One line and exit code 2 for any failure; a traceback only with WMTRACE_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except WmtraceError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; run the same command again to resume", 130)
+        except OSError as e:
+            if os.environ.get("WMTRACE_DEBUG"):
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}{e.strerror or e}")
+        except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
+            if os.environ.get("WMTRACE_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {e} (set WMTRACE_DEBUG=1 for details)")
+
+    return wrapper
+
+
+def _emit(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+@guarded
+def init(
+    name: Annotated[str, typer.Option(help="Name of the master in the registry")] = api.EXAMPLE_MASTER,
+    weights: Annotated[Path | None, typer.Option(help="Master weights (.safetensors or checkpoint)")] = None,
+    model: Annotated[str, typer.Option(help="module:factory that builds the nn.Module")] = api.EXAMPLE_FACTORY,
+    data: Annotated[
+        str | None, typer.Option(help="module:function(split) -> Dataset, split in {train, test}")
+    ] = api.EXAMPLE_DATA,
+    carriers: Annotated[
+        list[str] | None, typer.Option("--carrier", help="Carrier weight name (repeat) [default: automatic]")
+    ] = None,
+    bits: Annotated[int, typer.Option(help="Codeword length in bits (multiple of 8)")] = 256,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a master model (with no --weights: the bundled Fashion-MNIST example, trained once)."""
+    reg = api.open_registry(registry, create=True)
+    if weights is None and name == api.EXAMPLE_MASTER and model == api.EXAMPLE_FACTORY:
+        m = api.ensure_example(reg, progress=_training_progress() if not as_json else None)
+    elif weights is None:
+        _fail("--weights is required for a master other than the bundled example")
+    else:
+        m = api.init(reg, name, weights, model, data, carriers or None, bits)
+    info = {
+        "master": m.name,
+        "factory": m.factory,
+        "data": m.data,
+        "accuracy": m.accuracy,
+        "carriers": [{"name": c["name"], "shape": c["shape"], "bits": c["bits"]} for c in m.config["carriers"]],
+        "code": m.config["code"],
+        "key_fingerprint": m.key_fingerprint,
+        "registry": str(reg.root),
+    }
+    if as_json:
+        _emit(info)
+        return
+    out.print(f"registered master [bold]{m.name}[/bold] in {reg.root} (key {m.key_fingerprint})")
+    for c in info["carriers"]:
+        out.print(f"  carrier {c['name']} {tuple(c['shape'])}: {c['bits']} bits")
+    if m.accuracy is not None:
+        out.print(f"  test accuracy {m.accuracy:.2%}")
+
+
+def _training_progress():
+    bar = Progress(TextColumn("training example master"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=err, transient=True)
+    task = None
+
+    def cb(step: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("train", total=total)
+        bar.update(task, completed=step)
+        if step >= total:
+            bar.stop()
+
+    return cb
+
+
+@app.command()
+@guarded
+def issue(
+    buyers: Annotated[int | None, typer.Option(help="Number of buyer copies to issue")] = None,
+    names: Annotated[Path | None, typer.Option(help="File with one buyer name per line")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: ./buyers/MASTER]")] = None,
+    master: MasterOpt = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune the master into buyer copies, each carrying its buyer's ID."""
+    name_list = None
+    if names is not None:
+        try:
+            name_list = [ln.strip() for ln in names.read_text().splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"{names}: cannot read buyer names ({getattr(e, 'strerror', None) or e})")
+    if buyers is None and name_list is None:
+        _fail("give --buyers N or --names FILE")
+    reg = api.open_registry(registry, create=True)
+    if not reg.masters() and master is None and not as_json:
+        err.print("no master registered yet: setting up the bundled Fashion-MNIST example")
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err, disable=as_json,
+    )
+    tasks: dict[str, int] = {}
+
+    def progress(i: int, n: int, step: int, steps: int, hinge: float) -> None:
+        if not tasks:
+            tasks["buyers"] = bar.add_task("buyers", total=n, info="")
+            tasks["steps"] = bar.add_task("repair", total=steps, info="")
+        bar.update(tasks["buyers"], completed=i)
+        bar.update(tasks["steps"], completed=step, info=f"hinge {hinge:.3f}")
+
+    with bar:
+        issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress)
+    rows = [
+        {"id": b.id, "name": b.name, "file": b.file, "agreement": b.agreement, "accuracy": b.accuracy}
+        for b in issued
+    ]
+    if as_json:
+        _emit({"buyers": rows})
+        return
+    table = Table("id", "name", "agreement", "accuracy", "file", title=f"issued {len(rows)} buyer copies")
+    for r in rows:
+        table.add_row(str(r["id"]), r["name"], _pct(r["agreement"]), _pct(r["accuracy"]), r["file"])
+    out.print(table)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+@app.command()
+@guarded
+def trace(
+    file: Annotated[Path, typer.Argument(help="Leaked .safetensors / .onnx / checkpoint, or a folder")],
+    master: MasterOpt = None,
+    max_fp: Annotated[
+        float, typer.Option("--max-false-positive", help="Accuse only below this false-accusation probability")
+    ] = 1e-6,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Name the buyer behind a leaked model file (no model code needed)."""
+    reg = api.open_registry(registry)
+    result = api.trace(file, reg, master, max_fp)
+    if as_json:
+        _emit(result.to_dict())
+    else:
+        _print_trace(result)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_trace(r) -> None:
+    colour = {"identified": "green", "no watermark": "yellow"}.get(r.verdict, "red")
+    out.print(f"[bold {colour}]{r.verdict}[/bold {colour}]  {r.file}")
+    if r.master:
+        out.print(f"  master: {r.master}")
+    for c in r.carriers:
+        out.print(f"  carrier {c['carrier']} found as {c['found_as']} (similarity {c['similarity']:.3f})")
+    if r.buyer:
+        out.print(f"  buyer: [bold]{r.buyer['name']}[/bold] (id {r.buyer['id']})")
+        out.print(
+            f"  evidence: {r.bit_errors} of {r.bits - r.bits_missing} bits flipped, {r.bits_missing} missing; "
+            f"{r.symbol_errors} symbol errors corrected, {r.erasures} erasures"
+        )
+        out.print(f"  probability that an unmarked model gives this verdict: <= {r.false_positive_probability:.2e}")
+    elif r.reason:
+        out.print(f"  {r.reason}")
+
+
+@app.command("buyers")
+@guarded
+def buyers_cmd(master: MasterOpt = None, registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """List issued buyer copies."""
+    reg = api.open_registry(registry)
+    rows = [b.public() for b in api.list_buyers(reg, master)]
+    if as_json:
+        _emit({"buyers": rows})
+        return
+    table = Table("master", "id", "name", "agreement", "accuracy", "sha256", "file")
+    for r in rows:
+        table.add_row(r["master"], str(r["id"]), r["name"], _pct(r["agreement"]), _pct(r["accuracy"]),
+                      (r["sha256"] or "")[:12], r["file"] or "")
+    out.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

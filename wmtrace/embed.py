@@ -1,0 +1,127 @@
+"""Turn a copy of the master into a buyer copy: place the codeword, then repair fidelity.
+
+Two stages, read top to bottom:
+1. Closed form. Each carrier's filter mean moves by the minimal-norm vector whose secret
+   projections have the codeword's signs, all at the same margin (`carriers.direction`). This is
+   where the paper's regularizer would end after a thousand steps, reached in one.
+2. Repair. A short fine-tune pulls the outputs back to the master's (distillation; plus the task
+   loss when labels exist) while a hinge form of the embedding regularizer keeps every bit at its
+   margin, so the fine-tune cannot trade the mark away for fidelity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import carriers as carriers_mod
+from .carriers import Carrier
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    strength: float = 0.05  # RMS change of a carrier's filter mean, relative to the RMS of its weights
+    steps: int = 60  # repair steps per buyer
+    batch_size: int = 128
+    lr: float = 1e-3
+    lam: float = 1.0  # weight of the hinge regularizer during repair
+    temperature: float = 2.0
+
+
+def margin(weight: torch.Tensor, carrier: Carrier, strength: float) -> float:
+    """Projection margin (in units of x @ d / sqrt(dim)) whose minimal-norm embedding changes the
+    filter mean by `strength` times the RMS weight: rms(d) = m * sqrt(bits / dim) for random x."""
+    rms = float(weight.float().pow(2).mean().sqrt())
+    return strength * rms * math.sqrt(carrier.dim / carrier.bits)
+
+
+def soft_bits(
+    weight: torch.Tensor, master_weight: torch.Tensor, x: torch.Tensor, m: float
+) -> torch.Tensor:
+    """Projections of the filter-mean difference, in units of the margin: +-1 when freshly embedded."""
+    delta = carriers_mod.statistic(weight) - carriers_mod.statistic(master_weight)
+    return (x @ delta) / (math.sqrt(x.shape[1]) * m)
+
+
+def place(
+    state: dict[str, torch.Tensor],
+    carriers: list[Carrier],
+    projections: list[np.ndarray],
+    margins: list[float],
+    bits: np.ndarray,
+) -> None:
+    """Stage 1, in place on `state`: every filter of a carrier moves by the same vector."""
+    for c, x, m in zip(carriers, projections, margins, strict=True):
+        signs = 2.0 * bits[c.start : c.start + c.bits] - 1.0
+        d = m * carriers_mod.direction(x, signs)
+        w = state[c.name]
+        state[c.name] = w + torch.from_numpy(d).to(w.dtype).reshape(1, *w.shape[1:])
+
+
+def repair(
+    model: nn.Module,
+    master: nn.Module,
+    batches: Iterator,
+    carriers: list[Carrier],
+    projections: list[np.ndarray],
+    margins: list[float],
+    bits: np.ndarray,
+    cfg: EmbedConfig,
+    progress: Callable[[int, float], None] | None = None,
+) -> float:
+    """Stage 2: distil towards the master under the hinge regularizer. Returns the smallest
+    normalised bit margin reached (>= 1 means every bit sits at or beyond its target)."""
+    params = dict(model.named_parameters())
+    ref = dict(master.named_parameters())
+    master_weights = [ref[c.name].detach() for c in carriers]
+    xs = [torch.from_numpy(x).float() for x in projections]
+    signs = [torch.from_numpy(2.0 * bits[c.start : c.start + c.bits] - 1.0).float() for c in carriers]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # BatchNorm keeps the master's running statistics: a few small batches would only add noise.
+    model.eval()
+    master.eval()
+    t = cfg.temperature
+    for step in range(cfg.steps):
+        batch = next(batches)
+        inputs, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+        with torch.no_grad():
+            target = master(inputs)
+        out = model(inputs)
+        loss = F.kl_div(F.log_softmax(out / t, 1), F.softmax(target / t, 1), reduction="batchmean") * t * t
+        if labels is not None:
+            loss = loss + F.cross_entropy(out, labels)
+        hinge = sum(
+            F.relu(1.0 - s * soft_bits(params[c.name], w0, x, m)).mean()
+            for c, w0, x, m, s in zip(carriers, master_weights, xs, margins, signs, strict=True)
+        )
+        loss = loss + cfg.lam * hinge
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(step + 1, float(hinge))
+    return min_margin(model, master, carriers, projections, margins, bits)
+
+
+@torch.no_grad()
+def min_margin(
+    model: nn.Module,
+    master: nn.Module,
+    carriers: list[Carrier],
+    projections: list[np.ndarray],
+    margins: list[float],
+    bits: np.ndarray,
+) -> float:
+    params, ref = dict(model.named_parameters()), dict(master.named_parameters())
+    worst = math.inf
+    for c, x, m in zip(carriers, projections, margins, strict=True):
+        s = torch.from_numpy(2.0 * bits[c.start : c.start + c.bits] - 1.0).float()
+        z = soft_bits(params[c.name], ref[c.name], torch.from_numpy(x).float(), m)
+        worst = min(worst, float((s * z).min()))
+    return worst
