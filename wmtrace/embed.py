@@ -26,10 +26,10 @@ from .carriers import Carrier
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    strength: float = 0.05  # RMS change of a carrier's filter mean, relative to the RMS of its weights
+    strength: float = 0.1  # RMS change of a carrier's filter mean, relative to the RMS of its weights
     steps: int = 60  # repair steps per buyer
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 1e-4
     lam: float = 1.0  # weight of the hinge regularizer during repair
     temperature: float = 2.0
 
@@ -105,7 +105,7 @@ def repair(
         loss.backward()
         opt.step()
         if progress is not None:
-            progress(step + 1, float(hinge))
+            progress(step + 1, float(hinge.detach()))
     return min_margin(model, master, carriers, projections, margins, bits)
 
 
