@@ -93,7 +93,7 @@ def _tensors(ds: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch
     else:
         xs, ys = [], []
         for batch in DataLoader(ds, batch_size=512):
-            x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+            x, y = embed.split_batch(batch)
             xs.append(x)
             if y is not None:
                 ys.append(y)

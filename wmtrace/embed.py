@@ -34,6 +34,13 @@ class EmbedConfig:
     temperature: float = 2.0
 
 
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs, labels or None) from what a DataLoader yields: a tensor, (x,) or (x, y)."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
 def margin(weight: torch.Tensor, carrier: Carrier, strength: float) -> float:
     """Projection margin (in units of x @ d / sqrt(dim)) whose minimal-norm embedding changes the
     filter mean by `strength` times the RMS weight: rms(d) = m * sqrt(bits / dim) for random x."""
@@ -89,7 +96,7 @@ def repair(
     t = cfg.temperature
     for step in range(cfg.steps):
         batch = next(batches)
-        inputs, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+        inputs, labels = split_batch(batch)
         with torch.no_grad():
             target = master(inputs)
         out = model(inputs)

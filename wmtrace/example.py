@@ -90,7 +90,7 @@ def train_master(
     seconds = time.perf_counter() - t0
 
     accuracy = fidelity.evaluate(model, x_test, y_test)
-    metadata = {"test_accuracy": f"{accuracy:.4f}", "epochs": str(epochs), "seed": str(seed), "arch": "wmtrace.example:build"}
+    metadata = {"test_accuracy": f"{accuracy:.4f}", "epochs": str(epochs), "seed": str(seed), "arch": "example:build"}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     formats.save_safetensors(model.state_dict(), out_path, metadata)
     return {"test_accuracy": accuracy, "epochs": epochs, "seconds": seconds, "steps": step}

@@ -20,3 +20,18 @@ def agreement(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, batc
     """Fraction of inputs on which both models predict the same class."""
     a, b = predictions(model_a, inputs, batch_size), predictions(model_b, inputs, batch_size)
     return float((a == b).float().mean())
+
+
+def onnx_agreement(path: str, model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 agreement between an ONNX file run by onnxruntime and a torch model: the exported
+    file must behave like the model it came from."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    ours = np.concatenate(
+        [session.run(None, {name: inputs[i : i + batch_size].numpy()})[0].argmax(1)
+         for i in range(0, len(inputs), batch_size)]
+    )
+    return float((torch.from_numpy(ours) == predictions(model, inputs, batch_size)).float().mean())

@@ -221,3 +221,19 @@ def save_safetensors(
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise BadInput(f"{path}: cannot write ({e})") from e
+
+
+def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: str | os.PathLike, dynamo: bool = False) -> None:
+    """ONNX export as a deployer would do it: eval mode, constant folding (BatchNorm folded into convs)."""
+    import warnings
+
+    model.eval()
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (sample,), str(path), dynamo=dynamo, do_constant_folding=True,
+                              input_names=["input"], output_names=["logits"],
+                              **({} if dynamo else {"dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}))
+        except OSError as e:
+            raise BadInput(f"{path}: cannot write ({e.strerror})") from e
