@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def _kind(path: Path) -> str:
         raise BadInput(f"{path}: file is empty")
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    if head.startswith(b"PK\x03\x04") or head[:2] == b"\x80\x02":
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch.save) or raw pickle
         return "checkpoint"
     if path.suffix == ".onnx" or head[:1] in (b"\x08", b"\x0a", b"\x12", b"\x1a", b"\x3a"):
         return "onnx"
@@ -67,7 +68,9 @@ def _flatten(obj, prefix: str, out: dict[str, np.ndarray]) -> None:
 
 def _checkpoint(path: Path) -> dict[str, np.ndarray]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol notices are not the user's concern
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as e:
         text = str(e)
         if "weights_only" in text or "Unsupported" in text or isinstance(e, pickle.UnpicklingError):
@@ -225,8 +228,6 @@ def save_safetensors(
 
 def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: str | os.PathLike, dynamo: bool = False) -> None:
     """ONNX export as a deployer would do it: eval mode, constant folding (BatchNorm folded into convs)."""
-    import warnings
-
     model.eval()
     path = Path(path)
     with warnings.catch_warnings():

@@ -1,0 +1,183 @@
+"""The CLI's promises: one-line errors with exit code 2 that change nothing, JSON for scripts,
+no secret in any output, and safe concurrent issuing."""
+
+import hashlib
+import json
+import os
+import pickle
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from typer.testing import CliRunner
+
+from wmtrace.cli import app
+
+runner = CliRunner()
+
+
+def run(*args, registry: Path | None = None):
+    argv = [*map(str, args)] + (["--registry", str(registry)] if registry else [])
+    return runner.invoke(app, argv, catch_exceptions=False)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+class Evil:
+    """Unpickling this would run code: it must never happen."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {Path(os.environ['WMTRACE_EVIL_MARK'])}",))
+
+
+def bad_files(tmp: Path, good: Path) -> dict[str, Path]:
+    files = {}
+    files["missing"] = tmp / "does-not-exist.safetensors"
+    (tmp / "random.safetensors").write_bytes(os.urandom(4096))
+    files["corrupt"] = tmp / "random.safetensors"
+    data = good.read_bytes()
+    (tmp / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    files["truncated"] = tmp / "truncated.safetensors"
+    (tmp / "empty.onnx").write_bytes(b"")
+    files["empty"] = tmp / "empty.onnx"
+    with open(tmp / "evil.pt", "wb") as f:
+        pickle.dump({"weight": Evil()}, f)
+    files["pickle"] = tmp / "evil.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(2, 2)}, "hook": Evil()}, tmp / "evil_zip.pt")
+    files["pickle-in-zip"] = tmp / "evil_zip.pt"
+    # ONNX whose external data points outside its folder.
+    sub = tmp / "onnx"
+    sub.mkdir()
+    (tmp / "secret.bin").write_bytes(b"\x00" * 64)
+    t = numpy_helper.from_array(np.zeros((4, 4), np.float32), "w")
+    external_data_helper.set_external_data(t, location="../secret.bin", offset=0, length=64)
+    t.ClearField("raw_data")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [t])
+    onnx.save(helper.make_model(graph), sub / "escape.onnx")
+    files["onnx-escape"] = sub / "escape.onnx"
+    return files
+
+
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(workdir, tmp_path, monkeypatch):
+    reg = workdir / "registry"
+    good = Path(json.loads(run("buyers", "--json", registry=reg).stdout)["buyers"][0]["file"])
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("WMTRACE_EVIL_MARK", str(mark))
+    before = snapshot(reg)
+    for kind, path in bad_files(tmp_path, good).items():
+        r = run("trace", path, registry=reg)
+        assert r.exit_code == 2, (kind, r.output)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), (kind, r.stderr)
+        assert "Traceback" not in r.output
+    assert not mark.exists(), "a pickle was unpickled"
+    assert "outside the model's folder" in run("trace", tmp_path / "onnx" / "escape.onnx", registry=reg).stderr
+    assert "not a plain state dict" in run("trace", tmp_path / "evil.pt", registry=reg).stderr
+
+    # Unknown master, unknown registry, unwritable output folder.
+    r = run("trace", good, "--master", "nope", registry=reg)
+    assert r.exit_code == 2 and "unknown master" in r.stderr
+    r = run("trace", good, registry=tmp_path / "no-registry")
+    assert r.exit_code == 2 and "no wmtrace registry" in r.stderr
+    assert not (tmp_path / "no-registry").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = run("issue", "--buyers", "1", "--out", blocker / "sub", registry=reg)
+    assert r.exit_code == 2 and "not writable" in r.stderr
+    r = run("issue", "--buyers", "1", "--master", "nope", registry=reg)
+    assert r.exit_code == 2 and "unknown master" in r.stderr
+    assert snapshot(reg) == before
+
+
+def test_trace_json_and_exit_codes(workdir, master_file):
+    reg = workdir / "registry"
+    buyers = json.loads(run("buyers", "--json", registry=reg).stdout)["buyers"]
+    r = run("trace", buyers[2]["file"], "--json", registry=reg)
+    assert r.exit_code == 0
+    d = json.loads(r.stdout)
+    assert d["verdict"] == "identified" and d["buyer"] == {"id": buyers[2]["id"], "name": buyers[2]["name"]}
+    assert d["master"] == "small" and d["bit_errors"] == 0 and d["false_positive_probability"] < 1e-6
+    r = run("trace", master_file, "--json", registry=reg)
+    assert r.exit_code == 1
+    d = json.loads(r.stdout)
+    assert d["verdict"] == "no watermark" and d["buyer"] is None
+    # Every trace is in the audit log.
+    with_log = run("buyers", "--json", registry=reg)
+    assert with_log.exit_code == 0
+
+
+def test_no_secret_in_any_output_and_key_is_0600(workdir, tmp_path):
+    reg = workdir / "registry"
+    key_file = reg / "keys" / "small.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    secret = key_file.read_text().strip()
+    outputs = []
+    outputs.append(run("buyers", registry=reg).output)
+    outputs.append(run("buyers", "--json", registry=reg).output)
+    outputs.append(run("issue", "--buyers", "1", "--out", tmp_path / "o", "--json", registry=reg).output)
+    f = json.loads(outputs[-1])["buyers"][0]["file"]
+    outputs.append(run("trace", f, registry=reg).output)
+    outputs.append(run("trace", f, "--json", registry=reg).output)
+    db = (reg / "wmtrace.db").read_bytes()
+    for text in outputs:
+        assert secret not in text and secret[:16] not in text
+    assert secret.encode() not in db and bytes.fromhex(secret) not in db
+
+
+def test_init_registers_a_user_master_and_json(tmp_path, master_file):
+    reg = tmp_path / "reg"
+    r = run("init", "--name", "mine", "--weights", master_file, "--model", "wmtrace.example:build",
+            "--data", "tests.smalldata:dataset", "--json", registry=reg)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["master"] == "mine" and sum(c["bits"] for c in d["carriers"]) == 256
+    assert stat.S_IMODE((reg / "keys" / "mine.key").stat().st_mode) == 0o600
+    r = run("init", "--name", "mine", "--weights", master_file, registry=reg)
+    assert r.exit_code == 2 and "already registered" in r.stderr
+    r = run("init", "--name", "x", "--weights", master_file, "--model", "no.such.module:build", registry=reg)
+    assert r.exit_code == 2 and "cannot import" in r.stderr
+
+
+def test_two_issuing_processes_never_share_an_id(workdir):
+    reg = workdir / "registry"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "wmtrace", "issue", "--buyers", "2", "--json", "--registry", str(reg)]
+    procs = [subprocess.Popen([*cmd, "--out", str(workdir / f"p{i}")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    ids = [b["id"] for out, _ in outs for b in json.loads(out)["buyers"]]
+    assert len(ids) == 4 and len(set(ids)) == 4
+    listed = json.loads(run("buyers", "--json", registry=reg).stdout)["buyers"]
+    assert len(listed) == 7 and len({b["id"] for b in listed}) == 7
+    files = {b["file"] for b in listed}
+    assert len(files) == 7 and all(Path(f).exists() for f in files)
+
+
+@pytest.mark.parametrize("args", [["issue"], ["issue", "--buyers", "0"]])
+def test_issue_argument_errors(workdir, args):
+    r = run(*args, registry=workdir / "registry")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_of_plain_tensors_is_accepted(workdir, tmp_path):
+    reg = workdir / "registry"
+    f = json.loads(run("buyers", "--json", registry=reg).stdout)["buyers"][0]["file"]
+    from safetensors.torch import load_file
+
+    torch.save(load_file(f), tmp_path / "plain.pth")
+    assert run("trace", tmp_path / "plain.pth", registry=reg).exit_code == 0
