@@ -287,3 +287,46 @@ def trace(path: str | os.PathLike, reg: Registry, master: str | None = None, max
 
 def list_buyers(reg: Registry, master: str | None = None) -> list[Buyer]:
     return reg.buyers(master)
+
+
+def demo(
+    root: str | os.PathLike,
+    buyers: int = 3,
+    prune: float = 0.8,
+    leaker: int = 2,
+    progress: Progress | None = None,
+    train_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """The whole story on the example: master, buyer copies, one leaked after pruning and ONNX export, traced."""
+    from . import attacks, example
+    from .data import load_fashion_mnist
+
+    root = Path(root)
+    reg = open_registry(root / "registry", create=True)
+    m = ensure_example(reg, progress=train_progress)
+    issued = issue(reg, buyers=buyers, out=root / "buyers", master=m.name, progress=progress)
+    guilty = issued[min(leaker, len(issued)) - 1]
+
+    state = attacks.prune_global(load_file(guilty.file), prune)
+    model = example.build()
+    model.load_state_dict(state)
+    model.eval()
+    leaked = root / "leaked" / "model.onnx"
+    leaked.parent.mkdir(parents=True, exist_ok=True)
+    inputs, labels = load_fashion_mnist("test")
+    formats.export_onnx(model, inputs[:1], leaked)
+    result = trace(leaked, reg)
+    reg.close()
+    return {
+        "master": {"name": m.name, "accuracy": m.accuracy},
+        "buyers": [b.public() for b in issued],
+        "leaker": {"id": guilty.id, "name": guilty.name},
+        "leak": {
+            "file": str(leaked),
+            "pruned": prune,
+            "accuracy": fidelity.evaluate(model, inputs, labels),
+            "onnxruntime_agreement": fidelity.onnx_agreement(str(leaked), model, inputs),
+        },
+        "trace": result.to_dict(),
+        "correct": result.buyer is not None and result.buyer["id"] == guilty.id,
+    }
