@@ -97,6 +97,16 @@ def _inside(base: Path, location: str) -> bool:
     return os.path.commonpath([target, os.path.realpath(base)]) == os.path.realpath(base)
 
 
+def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
+    """(q - zero) * scale, per tensor or per channel along `axis`."""
+    shape = [1] * q.ndim
+    if np.ndim(scale) == 1 and q.ndim > 0:
+        shape[axis] = -1
+    s = np.asarray(scale, np.float32).reshape(shape)
+    z = np.zeros_like(s) if zero is None else np.asarray(zero, np.float32).reshape(shape)
+    return (q - z) * s
+
+
 def _onnx(path: Path) -> dict[str, np.ndarray]:
     import onnx
     from onnx import external_data_helper, numpy_helper
@@ -139,12 +149,20 @@ def _onnx(path: Path) -> dict[str, np.ndarray]:
             if scale is None:
                 continue
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            shape = [1] * q.ndim
-            if np.ndim(scale) == 1 and q.ndim > 0:
-                shape[axis] = -1
-            s = np.asarray(scale, np.float32).reshape(shape)
-            z = np.zeros_like(s) if zero is None else np.asarray(zero, np.float32).reshape(shape)
-            out[node.input[0]] = (q - z) * s
+            out[node.input[0]] = _dequantize(q, scale, zero, axis)
+    # Dynamically quantized weights (onnxruntime's quantize_dynamic): ConvInteger / MatMulInteger
+    # take the int8 weight as input 1; its scale and zero point sit beside it by naming convention.
+    for node in graph.node:
+        if node.op_type in ("ConvInteger", "MatMulInteger") and len(node.input) > 1 and node.input[1] in raw:
+            name = node.input[1]
+            stem = name.removesuffix("_quantized")
+            scale = raw.get(f"{stem}_scale")
+            if scale is None:
+                continue
+            q = raw[name].astype(np.float32)
+            zero = raw.get(node.input[3]) if len(node.input) > 3 else None
+            axis = 0 if node.op_type == "ConvInteger" else q.ndim - 1  # output channels
+            out[name] = _dequantize(q, scale, zero, axis)
     for name, a in raw.items():
         if name not in out and np.issubdtype(a.dtype, np.floating) and a.size > 1:
             out[name] = a.astype(np.float32)
