@@ -287,7 +287,8 @@ def demo(
     from .trace import TraceResult
 
     _print_trace(TraceResult(**story["trace"]))
-    out.print("[bold green]correct buyer named[/bold green]" if story["correct"] else "[bold red]wrong or no buyer[/bold red]")
+    verdict = "[bold green]correct buyer named[/bold green]" if story["correct"] else "[bold red]wrong or no buyer[/bold red]"
+    out.print(verdict)
     raise typer.Exit(0 if story["correct"] else 1)
 
 

@@ -5,8 +5,8 @@ Two stages, read top to bottom:
    projections have the codeword's signs, all at the same margin (`carriers.direction`). This is
    where the paper's regularizer would end after a thousand steps, reached in one.
 2. Repair. A short fine-tune pulls the outputs back to the master's (distillation on the
-   master's soft outputs; the task loss too if asked for) while a hinge form of the embedding regularizer keeps every bit at its
-   margin, so the fine-tune cannot trade the mark away for fidelity.
+   master's soft outputs; the task loss too if asked for) while a hinge form of the embedding
+   regularizer keeps every bit at its margin, so the fine-tune cannot trade the mark away.
 """
 
 from __future__ import annotations
