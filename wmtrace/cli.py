@@ -287,8 +287,10 @@ def demo(
     from .trace import TraceResult
 
     _print_trace(TraceResult(**story["trace"]))
-    verdict = "[bold green]correct buyer named[/bold green]" if story["correct"] else "[bold red]wrong or no buyer[/bold red]"
-    out.print(verdict)
+    if story["correct"]:
+        out.print("[bold green]correct buyer named[/bold green]")
+    else:
+        out.print("[bold red]wrong or no buyer[/bold red]")
     raise typer.Exit(0 if story["correct"] else 1)
 
 
