@@ -142,9 +142,14 @@ def init(
     # The model must build and accept the weights before anything is written.
     model = import_object(factory)()
     try:
-        model.load_state_dict(load_file(str(weights)) if str(weights).endswith(".safetensors") else state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as e:
         raise BadInput(f"{weights}: weights do not fit the model built by {factory} ({e})") from e
+    buffers = model.state_dict()
+    missing = [k for k in missing if buffers[k].is_floating_point()]  # integer counters are not weights
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise BadInput(f"{weights}: weights do not fit the model built by {factory} ({what})")
     model.eval()
     accuracy = None
     test = _dataset(data, "test")

@@ -268,11 +268,11 @@ class Registry:
             ]
             wanted = list(names)
             for r in stale:
-                if not wanted:
-                    break
-                if wanted[0] is not None and wanted[0] != r["name"]:
+                # A stale reservation completes a wanted name, or stands in for a generated one.
+                slot = r["name"] if r["name"] in wanted else (None if None in wanted else False)
+                if slot is False:
                     continue
-                wanted.pop(0)
+                wanted.remove(slot)
                 c.execute("UPDATE buyers SET owner = ? WHERE master = ? AND id = ?", (owner, master, r["id"]))
                 out.append(self._buyer(r))
             (top,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM buyers WHERE master = ?", (master,)).fetchone()
