@@ -34,7 +34,7 @@ EXAMPLE_MASTER = "fashion-cnn"
 EXAMPLE_FACTORY = "wmtrace.example:build"
 EXAMPLE_DATA = "wmtrace.example:dataset"
 
-# (buyer index, buyer count, repair step, repair steps, hinge loss) -> None
+# (buyer index, buyer count, repair step, repair steps, smallest bit margin so far) -> None
 Progress = Callable[[int, int, int, int, float], None]
 
 

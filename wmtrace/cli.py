@@ -156,17 +156,16 @@ def issue(
     if not reg.masters() and master is None and not as_json:
         err.print("no master registered yet: setting up the bundled Fashion-MNIST example")
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err, disable=as_json,
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[done]}/{task.total:.0f}"),
+        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, disable=as_json,
     )
     tasks: dict[str, int] = {}
 
-    def progress(i: int, n: int, step: int, steps: int, hinge: float) -> None:
+    def progress(i: int, n: int, step: int, steps: int, margin: float) -> None:
         if not tasks:
-            tasks["buyers"] = bar.add_task("buyers", total=n, info="")
-            tasks["steps"] = bar.add_task("repair", total=steps, info="")
-        bar.update(tasks["buyers"], completed=i)
-        bar.update(tasks["steps"], completed=step, info=f"hinge {hinge:.3f}")
+            tasks["buyers"] = bar.add_task("buyers issued", total=n, info="", done=0)
+        bar.update(tasks["buyers"], completed=i + step / max(steps, 1), done=i,
+                   info=f"buyer {i + 1}: step {step}/{steps}, bit margin {margin:.2f}")
 
     with bar:
         issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress)
@@ -261,7 +260,7 @@ def demo(
     )
     tasks: dict[str, int] = {}
 
-    def progress(i: int, n: int, step: int, steps: int, hinge: float) -> None:
+    def progress(i: int, n: int, step: int, steps: int, margin: float) -> None:
         if "buyers" not in tasks:
             tasks["buyers"] = bar.add_task("issuing buyers", total=n)
         bar.update(tasks["buyers"], completed=i + step / steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise BadInput(f"{path}: cannot read IDX file ({e})") from e
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _DTYPES:
         raise BadInput(f"{path}: not an IDX file (bad magic number)")
@@ -62,9 +63,15 @@ def _find(d: Path, name: str) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
+def _cached_idx(path: Path) -> np.ndarray:
+    """One decode per file and process: training, evaluation and fidelity checks all read the same files.
+    The arrays are read-only views of the file bytes, so no caller can change the cached copy."""
+    return read_idx(path)
+
+
 def _arrays(d: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = (read_idx(_find(d, n)) for n in FILES[split])
+    images, labels = (_cached_idx(_find(d, n).resolve()) for n in FILES[split])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise BadInput(f"{d}: {split} images and labels do not match")
     return images, labels
@@ -76,6 +83,8 @@ def load_fashion_mnist(
     """Normalised float32 images N x 1 x 28 x 28 and int64 labels; `limit` keeps the first N."""
     if split not in FILES:
         raise BadInput(f"unknown split {split!r} (use 'train' or 'test')")
+    if limit is not None and limit < 1:
+        raise BadInput(f"limit must be a positive number of images, not {limit}")
     images, labels = _arrays(fashion_mnist_dir(data_dir), split)
     images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(images.astype(np.float32) / 255.0).sub_(MEAN).div_(STD).unsqueeze(1)

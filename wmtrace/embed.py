@@ -85,7 +85,7 @@ def repair(
     cfg: EmbedConfig,
     progress: Callable[[int, float], None] | None = None,
 ) -> float:
-    """Stage 2: distil towards the master under the hinge regularizer. Returns the smallest
+    """Stage 2: distil towards the master under the hinge regularizer; `progress(step, margin)`. Returns the smallest
     normalised bit margin reached (>= 1 means every bit sits at or beyond its target)."""
     params = dict(model.named_parameters())
     ref = dict(master.named_parameters())
@@ -106,16 +106,17 @@ def repair(
         loss = F.kl_div(F.log_softmax(out / t, 1), F.softmax(target / t, 1), reduction="batchmean") * t * t
         if labels is not None and cfg.use_labels:
             loss = loss + F.cross_entropy(out, labels)
-        hinge = sum(
-            F.relu(1.0 - s * soft_bits(params[c.name], w0, x, m)).mean()
+        held = [  # each bit's projection times its sign, in margins: >= 1 is on target
+            s * soft_bits(params[c.name], w0, x, m)
             for c, w0, x, m, s in zip(carriers, master_weights, xs, margins, signs, strict=True)
-        )
+        ]
+        hinge = sum(F.relu(1.0 - h).mean() for h in held)
         loss = loss + cfg.lam * hinge
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if progress is not None:
-            progress(step + 1, float(hinge.detach()))
+            progress(step + 1, float(min(h.min() for h in held).detach()))
     return min_margin(model, master, carriers, projections, margins, bits)
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 
 from . import fidelity, formats
 from .data import load_fashion_mnist
+from .errors import BadInput
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -43,6 +44,7 @@ class FashionCNN(nn.Module):
 
 
 def build() -> nn.Module:
+    """The factory named `wmtrace.example:build` in registries."""
     return FashionCNN()
 
 
@@ -62,13 +64,17 @@ def train_master(
     data_dir: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Train the example master from scratch and save it as safetensors; returns its metrics."""
+    """Train the example master from scratch and save it as safetensors; returns its metrics
+    (`seconds` is the training loop alone, without data loading and evaluation)."""
     torch.manual_seed(seed)
     x, y = load_fashion_mnist("train", data_dir, limit)
     x_test, y_test = load_fashion_mnist("test", data_dir)
-    model = build()
     steps_per_epoch = len(x) // batch_size
     total = epochs * steps_per_epoch
+    if total < 1:
+        raise BadInput(f"nothing to train: {len(x)} images, batch size {batch_size}, {epochs} epochs")
+
+    model = build()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
     g = torch.Generator().manual_seed(seed)
@@ -90,7 +96,12 @@ def train_master(
     seconds = time.perf_counter() - t0
 
     accuracy = fidelity.evaluate(model, x_test, y_test)
-    metadata = {"test_accuracy": f"{accuracy:.4f}", "epochs": str(epochs), "seed": str(seed), "arch": "example:build"}
+    metadata = {
+        "test_accuracy": f"{accuracy:.4f}",
+        "epochs": str(epochs),
+        "seed": str(seed),
+        "arch": "wmtrace.example:build",
+    }
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    formats.save_safetensors(model.state_dict(), out_path, metadata)
+    formats.save_safetensors(model.state_dict(), out_path, metadata)  # tmp file + os.replace
     return {"test_accuracy": accuracy, "epochs": epochs, "seconds": seconds, "steps": step}

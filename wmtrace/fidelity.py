@@ -8,11 +8,13 @@ from torch import nn
 
 @torch.no_grad()
 def predictions(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Top-1 classes in eval mode (BatchNorm uses running stats), batched to bound memory."""
     model.eval()
     return torch.cat([model(inputs[i : i + batch_size]).argmax(1) for i in range(0, len(inputs), batch_size)])
 
 
 def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy against the labels."""
     return float((predictions(model, inputs, batch_size) == labels).float().mean())
 
 

@@ -1,7 +1,8 @@
 """Read and write weight files without model code; a leaked file is untrusted input.
 
 Formats are told by content, not by extension. Checkpoints are only ever opened with
-`torch.load(weights_only=True)`; ONNX external data is only read from inside the model's folder.
+`torch.load(weights_only=True)`; ONNX external data and safetensors shards are only read from
+inside the model's own folder. Every failure is a one-line `BadInput`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,15 @@ import torch
 
 from .errors import BadInput
 
-CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _line(e: BaseException) -> str:
+    """First line of an error, short enough for a one-line report."""
+    lines = str(e).strip().splitlines()
+    first = lines[0].split(". ")[0] if lines else type(e).__name__
+    return first[:160]
 
 
 def _float32(t: torch.Tensor) -> np.ndarray | None:
@@ -32,12 +41,14 @@ def _kind(path: Path) -> str:
         head = f.read(16)
     if not head:
         raise BadInput(f"{path}: file is empty")
-    if len(head) >= 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
         return "safetensors"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch.save) or raw pickle
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch.save) or legacy pickle
         return "checkpoint"
-    if path.suffix == ".onnx" or head[:1] in (b"\x08", b"\x0a", b"\x12", b"\x1a", b"\x3a"):
+    if head[:1] == b"\x08" or path.suffix == ".onnx":  # ModelProto field 1 (ir_version) comes first
         return "onnx"
+    if path.suffix == ".safetensors":  # too short to carry its header: let the reader say what is wrong
+        return "safetensors"
     raise BadInput(f"{path}: unknown format (expected safetensors, ONNX or a PyTorch checkpoint)")
 
 
@@ -46,13 +57,13 @@ def _safetensors(path: Path) -> dict[str, np.ndarray]:
 
     out: dict[str, np.ndarray] = {}
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # torch, since numpy has no bfloat16
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 a = _float32(f.get_tensor(name))
                 if a is not None:
                     out[name] = a
     except Exception as e:  # safetensors raises its own error types for truncation and bad headers
-        raise BadInput(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:120]})") from e
+        raise BadInput(f"{path}: corrupt or truncated safetensors file ({_line(e)})") from e
     return out
 
 
@@ -71,13 +82,14 @@ def _checkpoint(path: Path) -> dict[str, np.ndarray]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol notices are not the user's concern
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as e:
-        text = str(e)
-        if "weights_only" in text or "Unsupported" in text or isinstance(e, pickle.UnpicklingError):
-            raise BadInput(f"{path}: not a plain state dict (refusing to unpickle arbitrary objects)") from e
-        raise BadInput(f"{path}: corrupt or truncated checkpoint") from e
-    except (EOFError, zipfile.BadZipFile, OSError) as e:
-        raise BadInput(f"{path}: corrupt or truncated checkpoint") from e
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", str(e))
+        if found:
+            raise BadInput(f"{path}: not a plain state dict (refusing to unpickle arbitrary objects such as "
+                           f"{found.group(1)})") from e
+        raise BadInput(f"{path}: corrupt checkpoint or not a plain state dict") from e
+    except Exception as e:  # zip errors, truncation, unknown storage types
+        raise BadInput(f"{path}: corrupt or truncated checkpoint ({_line(e)})") from e
     if isinstance(obj, dict):
         for k in CHECKPOINT_KEYS:
             if isinstance(obj.get(k), dict):
@@ -91,20 +103,34 @@ def _checkpoint(path: Path) -> dict[str, np.ndarray]:
 
 
 def _inside(base: Path, location: str) -> bool:
-    if os.path.isabs(location):
+    """Whether `location` names a file strictly inside `base`, after resolving `..` and symlinks."""
+    if not location or os.path.isabs(location):
         return False
-    target = os.path.realpath(base / location)
-    return os.path.commonpath([target, os.path.realpath(base)]) == os.path.realpath(base)
+    try:
+        root = os.path.realpath(base)
+        target = os.path.realpath(base / location)
+        return target != root and os.path.commonpath([target, root]) == root
+    except (ValueError, OSError):  # NUL bytes, mixed drives
+        return False
 
 
-def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
-    """(q - zero) * scale, per tensor or per channel along `axis`."""
-    shape = [1] * q.ndim
-    if np.ndim(scale) == 1 and q.ndim > 0:
+def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int, block: int = 0) -> np.ndarray:
+    """(q - zero_point) * scale, per tensor, per channel along `axis`, or per block of `block` along it."""
+    s = np.asarray(scale, np.float32)
+    z = np.zeros_like(s) if zero is None else np.asarray(zero).astype(np.float32)
+    if s.ndim == 1 and q.ndim > 1:  # per channel
+        shape = [1] * q.ndim
         shape[axis] = -1
-    s = np.asarray(scale, np.float32).reshape(shape)
-    z = np.zeros_like(s) if zero is None else np.asarray(zero, np.float32).reshape(shape)
-    return (q - z) * s
+        s, z = s.reshape(shape), z.reshape(shape)
+    elif s.ndim == q.ndim and s.shape != q.shape and block:  # blocked (opset 21)
+        s = np.repeat(s, block, axis=axis)[tuple(slice(0, n) for n in q.shape)]
+        z = np.repeat(z, block, axis=axis)[tuple(slice(0, n) for n in q.shape)]
+    return (q.astype(np.float32) - z) * s
+
+
+def _is_float(a: np.ndarray) -> bool:
+    # ONNX bfloat16 / float8 arrive as ml_dtypes types that numpy does not class as floating
+    return a.dtype.kind == "f" or a.dtype.name.startswith(("bfloat16", "float8"))
 
 
 def _onnx(path: Path) -> dict[str, np.ndarray]:
@@ -118,13 +144,13 @@ def _onnx(path: Path) -> dict[str, np.ndarray]:
     base = path.parent
     for t in external_data_helper._get_all_tensors(model):
         if external_data_helper.uses_external_data(t):
-            info = {e.key: e.value for e in t.external_data}
-            if not _inside(base, info.get("location", "")):
-                raise BadInput(f"{path}: external data {info.get('location')!r} lies outside the model's folder")
+            location = {e.key: e.value for e in t.external_data}.get("location", "")
+            if not _inside(base, location):
+                raise BadInput(f"{path}: external data {location!r} of {t.name!r} lies outside the model's folder")
     try:
         external_data_helper.load_external_data_for_model(model, str(base))
     except Exception as e:
-        raise BadInput(f"{path}: external data is missing or unreadable ({e})") from e
+        raise BadInput(f"{path}: external data is missing or unreadable ({_line(e)})") from e
 
     graph = model.graph
     raw: dict[str, np.ndarray] = {}
@@ -132,39 +158,42 @@ def _onnx(path: Path) -> dict[str, np.ndarray]:
         for init in graph.initializer:
             raw[init.name] = numpy_helper.to_array(init)
         for node in graph.node:
-            if node.op_type == "Constant":
+            if node.op_type == "Constant" and node.output:
                 for attr in node.attribute:
-                    if attr.name == "value" and node.output:
+                    if attr.name == "value":
                         raw[node.output[0]] = numpy_helper.to_array(attr.t)
     except Exception as e:
-        raise BadInput(f"{path}: corrupt ONNX tensor data ({e})") from e
+        raise BadInput(f"{path}: corrupt ONNX tensor data ({_line(e)})") from e
 
+    # Quantized weights come back dequantized under the name of the quantized initializer.
     out: dict[str, np.ndarray] = {}
-    # Quantized weights: dequantize x * scale - zero_point as DequantizeLinear would.
+    qparams: set[str] = set()  # scales and zero points: not weights themselves
     for node in graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in raw:
-            q = raw[node.input[0]].astype(np.float32)
-            scale = raw.get(node.input[1])
-            zero = raw.get(node.input[2]) if len(node.input) > 2 else None
+        ins = list(node.input)
+        if node.op_type == "DequantizeLinear" and len(ins) > 1 and ins[0] in raw and ins[1] in raw:
+            attrs = {a.name: a.i for a in node.attribute}
+            zero = raw.get(ins[2]) if len(ins) > 2 and ins[2] else None
+            q, stem, scale = raw[ins[0]], ins[0], raw[ins[1]]
+            axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+            qparams.update(ins[1:])
+        elif node.op_type in ("ConvInteger", "MatMulInteger") and len(ins) > 1 and ins[1] in raw:
+            # onnxruntime's quantize_dynamic: the int8 weight is input 1, its scale sits beside it by name
+            stem = ins[1]
+            scale = raw.get(f"{stem.removesuffix('_quantized')}_scale")
             if scale is None:
                 continue
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            out[node.input[0]] = _dequantize(q, scale, zero, axis)
-    # Dynamically quantized weights (onnxruntime's quantize_dynamic): ConvInteger / MatMulInteger
-    # take the int8 weight as input 1; its scale and zero point sit beside it by naming convention.
-    for node in graph.node:
-        if node.op_type in ("ConvInteger", "MatMulInteger") and len(node.input) > 1 and node.input[1] in raw:
-            name = node.input[1]
-            stem = name.removesuffix("_quantized")
-            scale = raw.get(f"{stem}_scale")
-            if scale is None:
-                continue
-            q = raw[name].astype(np.float32)
-            zero = raw.get(node.input[3]) if len(node.input) > 3 else None
-            axis = 0 if node.op_type == "ConvInteger" else q.ndim - 1  # output channels
-            out[name] = _dequantize(q, scale, zero, axis)
+            q, zero = raw[stem], raw.get(ins[3]) if len(ins) > 3 and ins[3] else None
+            axis, block = (0 if node.op_type == "ConvInteger" else q.ndim - 1), 0  # output channels
+            qparams.update({f"{stem.removesuffix('_quantized')}_scale", *ins[3:]})
+        else:
+            continue
+        try:
+            out[stem] = _dequantize(q, scale, zero, axis, block)
+        except (ValueError, IndexError) as e:
+            raise BadInput(f"{path}: quantized weight {stem!r} does not fit its scale ({_line(e)})") from e
     for name, a in raw.items():
-        if name not in out and np.issubdtype(a.dtype, np.floating) and a.size > 1:
+        # int initializers that are not quantized weights are shapes, indices and the like; scalars are constants
+        if name not in out and name not in qparams and _is_float(a) and a.size > 1:
             out[name] = a.astype(np.float32)
     return out
 
@@ -179,9 +208,13 @@ def _folder(path: Path) -> dict[str, np.ndarray]:
         for s in shards:
             out.update(_safetensors(s))
         return out
-    others = [p for p in sorted(path.iterdir()) if p.suffix in (".onnx", ".pt", ".pth", ".bin", ".ckpt")]
-    if len(others) == 1:
-        return load_tensors(others[0])
+    # A single .onnx wins (its external data may well end in .bin); otherwise a single checkpoint.
+    for suffixes in ((".onnx",), CHECKPOINT_SUFFIXES):
+        found = [p for p in sorted(path.iterdir()) if p.suffix in suffixes and p.is_file()]
+        if len(found) == 1:
+            return load_tensors(found[0])
+        if found:
+            raise BadInput(f"{path}: folder holds several model files ({', '.join(p.name for p in found[:3])})")
     raise BadInput(f"{path}: folder holds no single model file (safetensors shards, .onnx or a checkpoint)")
 
 
@@ -189,8 +222,10 @@ def _index(path: Path) -> dict[str, np.ndarray]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
+        if not shards or not all(isinstance(s, str) for s in shards):
+            raise ValueError("weight_map names no shard files")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BadInput(f"{path}: not a valid safetensors index") from e
+        raise BadInput(f"{path}: not a valid safetensors index ({_line(e)})") from e
     out: dict[str, np.ndarray] = {}
     for s in shards:
         if not _inside(path.parent, s):
@@ -203,7 +238,12 @@ def _index(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All floating-point weights of a model file or folder, as float32 numpy arrays by name."""
+    """All floating-point weights of a model file or folder, as float32 numpy arrays by name.
+
+    Accepts safetensors (single, sharded index, or a folder of them), ONNX (initializers and
+    Constant nodes; quantized weights dequantized under the quantized initializer's name) and
+    PyTorch checkpoints holding plain (possibly nested) state dicts. Integer tensors are dropped.
+    """
     path = Path(path)
     if path.is_dir():
         return _folder(path)
@@ -214,7 +254,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         kind = _kind(path)
     except OSError as e:
-        raise BadInput(f"{path}: cannot read ({e.strerror})") from e
+        raise BadInput(f"{path}: cannot read ({e.strerror or _line(e)})") from e
     tensors = {"safetensors": _safetensors, "checkpoint": _checkpoint, "onnx": _onnx}[kind](path)
     if not tensors:
         raise BadInput(f"{path}: holds no floating-point weights")
@@ -229,19 +269,27 @@ def save_safetensors(
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    ts = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
-          for k, v in tensors.items()}
+    ts: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for k, v in tensors.items():
+        t = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu().contiguous()
+        storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if storage in seen and t.numel():  # tied weights: safetensors refuses shared memory
+            t = t.clone()
+        seen.add(storage)
+        ts[k] = t
     try:
         save_file(ts, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise BadInput(f"{path}: cannot write ({e.strerror})") from e
     except Exception as e:
-        tmp.unlink(missing_ok=True)
-        raise BadInput(f"{path}: cannot write ({e})") from e
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _line(e)
+        raise BadInput(f"{path}: cannot write ({reason})") from e
 
 
 def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: str | os.PathLike, dynamo: bool = False) -> None:
