@@ -34,7 +34,8 @@ EXAMPLE_MASTER = "fashion-cnn"
 EXAMPLE_FACTORY = "wmtrace.example:build"
 EXAMPLE_DATA = "wmtrace.example:dataset"
 
-# (buyer index, buyer count, repair step, repair steps, smallest bit margin so far) -> None
+# (buyers done, buyer count, repair step, repair steps, smallest bit margin) -> None; called during
+# repair and once after each buyer is issued (then with the buyer's final margin).
 Progress = Callable[[int, int, int, int, float], None]
 
 
@@ -235,6 +236,8 @@ def issue(
     model_master = build_model(m)
     state_master = {k: v.clone() for k, v in model_master.state_dict().items()}
     cfg = embed.EmbedConfig(**m.config["embed"])
+    if cfg.placement not in ("activation", "minimal-norm"):
+        raise BadInput(f"master {m.name!r}: unknown placement {cfg.placement!r} (activation, minimal-norm)")
     carriers = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
     margins = [d["margin"] for d in m.config["carriers"]]
     projections = [c.projection(key) for c in carriers]
@@ -245,6 +248,9 @@ def issue(
     test = _dataset(m.data, "test")
     held_out = _tensors(test, m.config.get("eval_samples")) if test is not None else None
     master_predictions = fidelity.predictions(model_master, held_out[0]) if held_out is not None else None
+    metrics = None  # once per run: what the carriers see on real inputs, shared by every buyer
+    if cfg.placement == "activation":
+        metrics = embed.input_moments(model_master, carriers, _tensors(train, cfg.moment_samples)[0], cfg.ridge)
 
     reserved = reg.reserve(m.name, wanted)
     done: list[Buyer] = []
@@ -252,14 +258,17 @@ def issue(
         for i, b in enumerate(reserved):
             bits = codes.codeword(key, m.name, b.id, spec)
             state = {k: v.clone() for k, v in state_master.items()}
-            embed.place(state, carriers, projections, margins, bits)
+            embed.place(state, carriers, projections, margins, bits, metrics)
             model = import_object(m.factory)()
             model.load_state_dict(state)
-            step_cb = (lambda s, h, i=i: progress(i, len(reserved), s, cfg.steps, h)) if progress else None
-            batches = _batches(train, cfg.batch_size, seed=(seed if seed is not None else b.id))
-            b.margin = embed.repair(
-                model, model_master, batches, carriers, projections, margins, bits, cfg, step_cb
-            )
+            if cfg.steps > 0:
+                step_cb = (lambda s, h, i=i: progress(i, len(reserved), s, cfg.steps, h)) if progress else None
+                batches = _batches(train, cfg.batch_size, seed=(seed if seed is not None else b.id))
+                b.margin = embed.repair(
+                    model, model_master, batches, carriers, projections, margins, bits, cfg, step_cb
+                )
+            else:
+                b.margin = embed.min_margin(model, model_master, carriers, projections, margins, bits)
             model.eval()
             final = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
             _verify(reg, m, b, final)
@@ -274,6 +283,8 @@ def issue(
             b.codeword = np.packbits(bits).tobytes().hex()
             reg.complete(b)
             done.append(b)
+            if progress is not None:
+                progress(len(done), len(reserved), cfg.steps, cfg.steps, b.margin)
     except BaseException:
         reg.release(m.name, [b.id for b in reserved if b.status != "issued"])
         raise

@@ -99,12 +99,17 @@ def statistic(weight: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     return weight.reshape(weight.shape[0], -1).mean(0)
 
 
-def direction(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """Minimal-norm change d of the statistic with x @ d / sqrt(dim) = signs exactly.
+def direction(x: np.ndarray, signs: np.ndarray, metric: np.ndarray | None = None) -> np.ndarray:
+    """Change d of the statistic with x @ d / sqrt(dim) = signs exactly, smallest in `metric`.
 
-    Every bit gets the same margin for the least weight change: the closed-form optimum of the
-    embedding regularizer's constraint, so issuing starts where the paper's training ends.
+    Every bit gets the same margin. With no metric d has minimal norm: the closed-form optimum
+    of the paper's embedding constraint. With the carrier's input second moments C as metric,
+    d minimises d' C d, the mean squared change of the layer's outputs on real inputs: the mark
+    goes where the data barely looks, so the copy needs no fine-tuning to stay faithful.
     """
     dim = x.shape[1]
     target = signs.astype(np.float64) * math.sqrt(dim)
-    return x.T @ np.linalg.solve(x @ x.T, target)
+    if metric is None:
+        return x.T @ np.linalg.solve(x @ x.T, target)
+    inv_xt = np.linalg.solve(metric, x.T.astype(np.float64))
+    return inv_xt @ np.linalg.solve(x @ inv_xt, target)

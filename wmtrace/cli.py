@@ -161,11 +161,13 @@ def issue(
     )
     tasks: dict[str, int] = {}
 
-    def progress(i: int, n: int, step: int, steps: int, margin: float) -> None:
+    def progress(done: int, n: int, step: int, steps: int, margin: float) -> None:
         if not tasks:
             tasks["buyers"] = bar.add_task("buyers issued", total=n, info="", done=0)
-        bar.update(tasks["buyers"], completed=i + step / max(steps, 1), done=i,
-                   info=f"buyer {i + 1}: step {step}/{steps}, bit margin {margin:.2f}")
+        repairing = 0 < step < steps
+        info = f"buyer {done + 1}: repair step {step}/{steps}, " if repairing else ""
+        bar.update(tasks["buyers"], completed=done + (step / steps if repairing else 0), done=done,
+                   info=f"{info}bit margin {margin:.2f}")
 
     with bar:
         issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress)
@@ -260,10 +262,10 @@ def demo(
     )
     tasks: dict[str, int] = {}
 
-    def progress(i: int, n: int, step: int, steps: int, margin: float) -> None:
+    def progress(done: int, n: int, step: int, steps: int, margin: float) -> None:
         if "buyers" not in tasks:
             tasks["buyers"] = bar.add_task("issuing buyers", total=n)
-        bar.update(tasks["buyers"], completed=i + step / steps)
+        bar.update(tasks["buyers"], completed=done + (step / steps if 0 < step < steps else 0))
 
     def train_progress(step: int, total: int) -> None:
         if "train" not in tasks:
