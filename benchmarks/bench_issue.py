@@ -27,8 +27,9 @@ from wmtrace.carriers import Carrier
 from wmtrace.data import load_fashion_mnist
 
 
-def naive_buyer(reg, m, buyer_id: int, train, held_out, lr: float, max_steps: int) -> dict:
-    """The paper's regularizer, fine-tune-to-embed, until all bits are embedded."""
+def naive_buyer(reg, m, buyer_id: int, train, held_out, lr: float, max_steps: int, keep_state: bool = False):
+    """The paper's regularizer, fine-tune-to-embed, until all bits are embedded; with `keep_state`,
+    (figures, the copy's state dict)."""
     key = reg.key(m.name)
     spec = codes.CodeSpec(**m.config["code"])
     bits = torch.from_numpy(codes.codeword(key, m.name, buyer_id, spec).astype(np.float32))
@@ -66,7 +67,7 @@ def naive_buyer(reg, m, buyer_id: int, train, held_out, lr: float, max_steps: in
         break
     seconds = time.perf_counter() - t0
     inputs, labels = held_out
-    return {
+    figures = {
         "steps": step,
         "seconds": seconds,
         "samples": step * 64,
@@ -74,6 +75,9 @@ def naive_buyer(reg, m, buyer_id: int, train, held_out, lr: float, max_steps: in
         "accuracy": fidelity.evaluate(model, inputs, labels),
         "all_bits_embedded": step < max_steps,
     }
+    if keep_state:
+        return figures, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return figures
 
 
 def main() -> None:

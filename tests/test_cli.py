@@ -150,6 +150,20 @@ def test_init_registers_a_user_master_and_json(tmp_path, master_file):
     assert r.exit_code == 2 and "already registered" in r.stderr
     r = run("init", "--name", "x", "--weights", master_file, "--model", "no.such.module:build", registry=reg)
     assert r.exit_code == 2 and "cannot import" in r.stderr
+    r = run("init", "--name", "y", "--weights", master_file, "--placement", "anywhere", registry=reg)
+    assert r.exit_code == 2 and "placement 'anywhere'" in r.stderr
+
+    # Minimal-norm placement with a short repair, fidelity check skipped: still a traceable copy.
+    r = run("init", "--name", "plain", "--weights", master_file, "--data", "tests.smalldata:dataset",
+            "--placement", "minimal-norm", "--repair-steps", "5", registry=reg)
+    assert r.exit_code == 0, r.output
+    r = run("issue", "--buyers", "1", "--master", "plain", "--eval-samples", "0", "--out", tmp_path / "o",
+            "--json", registry=reg)
+    assert r.exit_code == 0, r.output
+    (b,) = json.loads(r.stdout)["buyers"]
+    assert b["agreement"] is None and b["accuracy"] is None
+    r = run("trace", b["file"], "--json", registry=reg)
+    assert r.exit_code == 0 and json.loads(r.stdout)["buyer"]["id"] == b["id"]
 
 
 def test_two_issuing_processes_never_share_an_id(workdir):
@@ -168,7 +182,9 @@ def test_two_issuing_processes_never_share_an_id(workdir):
     assert len(files) == 7 and all(Path(f).exists() for f in files)
 
 
-@pytest.mark.parametrize("args", [["issue"], ["issue", "--buyers", "0"]])
+@pytest.mark.parametrize(
+    "args", [["issue"], ["issue", "--buyers", "0"], ["issue", "--buyers", "1", "--eval-samples", "-1"]]
+)
 def test_issue_argument_errors(workdir, args):
     r = run(*args, registry=workdir / "registry")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1

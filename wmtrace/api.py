@@ -33,6 +33,7 @@ from .trace import trace_tensors
 EXAMPLE_MASTER = "fashion-cnn"
 EXAMPLE_FACTORY = "wmtrace.example:build"
 EXAMPLE_DATA = "wmtrace.example:dataset"
+PLACEMENTS = ("activation", "minimal-norm")
 
 # (buyers done, buyer count, repair step, repair steps, smallest bit margin) -> None; called during
 # repair and once after each buyer is issued (then with the buyer's final margin).
@@ -123,6 +124,7 @@ def init(
     strength: float = embed.EmbedConfig.strength,
     steps: int = embed.EmbedConfig.steps,
     eval_samples: int | None = None,
+    placement: str = embed.EmbedConfig.placement,
 ) -> Master:
     """Register a master: copy its weights into the registry, choose carriers, create its key."""
     if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith("."):
@@ -130,6 +132,10 @@ def init(
     if any(m.name == name for m in reg.masters()):
         raise BadInput(f"master {name!r} is already registered")
     spec = codes.CodeSpec(symbols=bits // 8)
+    if placement not in PLACEMENTS:
+        raise BadInput(f"placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
+    if steps < 0:
+        raise BadInput("repair steps must be 0 or more")
     if bits % 8 or bits < 72:
         raise BadInput(f"--bits {bits}: use a multiple of 8, at least 72")
     try:
@@ -164,7 +170,7 @@ def init(
         "carriers": [
             {**c.to_dict(), "margin": embed.margin(state[c.name], c, strength)} for c in chosen
         ],
-        "embed": {**asdict(embed.EmbedConfig()), "strength": strength, "steps": steps},
+        "embed": {**asdict(embed.EmbedConfig()), "strength": strength, "steps": steps, "placement": placement},
         "eval_samples": eval_samples,
     }
     dest = reg.root / "masters" / f"{name}.safetensors"
@@ -212,8 +218,12 @@ def issue(
     master: str | None = None,
     progress: Progress | None = None,
     seed: int | None = None,
+    eval_samples: int | None = None,
 ) -> list[Buyer]:
     """Issue buyer copies: reserve IDs, embed, verify by tracing, write, record.
+
+    `eval_samples` overrides how many held-out samples measure each copy's fidelity (the
+    master's setting by default: all); 0 skips the measurement, the largest cost per buyer.
 
     Each copy is written atomically and recorded only after it traces back to its own buyer;
     a crash leaves a reservation that the next call completes.
@@ -236,7 +246,7 @@ def issue(
     model_master = build_model(m)
     state_master = {k: v.clone() for k, v in model_master.state_dict().items()}
     cfg = embed.EmbedConfig(**m.config["embed"])
-    if cfg.placement not in ("activation", "minimal-norm"):
+    if cfg.placement not in PLACEMENTS:
         raise BadInput(f"master {m.name!r}: unknown placement {cfg.placement!r} (activation, minimal-norm)")
     carriers = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
     margins = [d["margin"] for d in m.config["carriers"]]
@@ -245,12 +255,16 @@ def issue(
     train = _dataset(m.data, "train")
     if train is None:
         raise BadInput(f"master {m.name!r} has no data entry point to fine-tune on")
-    test = _dataset(m.data, "test")
-    held_out = _tensors(test, m.config.get("eval_samples")) if test is not None else None
+    if eval_samples is not None and eval_samples < 0:
+        raise BadInput("--eval-samples must be 0 or more")
+    limit = m.config.get("eval_samples") if eval_samples is None else eval_samples
+    test = _dataset(m.data, "test") if limit != 0 else None
+    held_out = _tensors(test, limit) if test is not None else None
     master_predictions = fidelity.predictions(model_master, held_out[0]) if held_out is not None else None
-    metrics = None  # once per run: what the carriers see on real inputs, shared by every buyer
+    metrics = [None] * len(carriers)  # once per run: what the carriers see on real inputs
     if cfg.placement == "activation":
         metrics = embed.input_moments(model_master, carriers, _tensors(train, cfg.moment_samples)[0], cfg.ridge)
+    maps = [carriers_mod.embedding_map(x, mt) for x, mt in zip(projections, metrics, strict=True)]
 
     reserved = reg.reserve(m.name, wanted)
     done: list[Buyer] = []
@@ -258,7 +272,7 @@ def issue(
         for i, b in enumerate(reserved):
             bits = codes.codeword(key, m.name, b.id, spec)
             state = {k: v.clone() for k, v in state_master.items()}
-            embed.place(state, carriers, projections, margins, bits, metrics)
+            embed.place(state, carriers, projections, margins, bits, maps=maps)
             model = import_object(m.factory)()
             model.load_state_dict(state)
             if cfg.steps > 0:

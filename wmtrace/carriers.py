@@ -99,17 +99,20 @@ def statistic(weight: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     return weight.reshape(weight.shape[0], -1).mean(0)
 
 
-def direction(x: np.ndarray, signs: np.ndarray, metric: np.ndarray | None = None) -> np.ndarray:
-    """Change d of the statistic with x @ d / sqrt(dim) = signs exactly, smallest in `metric`.
+def embedding_map(x: np.ndarray, metric: np.ndarray | None = None) -> np.ndarray:
+    """The linear map A (dim x bits) with d = A @ t the change of the statistic that meets
+    x @ d = t exactly and is smallest in `metric`; fixed per carrier, so computed once per run.
 
-    Every bit gets the same margin. With no metric d has minimal norm: the closed-form optimum
-    of the paper's embedding constraint. With the carrier's input second moments C as metric,
-    d minimises d' C d, the mean squared change of the layer's outputs on real inputs: the mark
-    goes where the data barely looks, so the copy needs no fine-tuning to stay faithful.
+    With no metric d has minimal norm: the closed-form optimum of the paper's embedding
+    constraint. With the carrier's input second moments C as metric, d minimises d' C d, the
+    mean squared change of the layer's outputs on real inputs: the mark goes where the data
+    barely looks, so the copy needs no fine-tuning to stay faithful.
     """
-    dim = x.shape[1]
-    target = signs.astype(np.float64) * math.sqrt(dim)
-    if metric is None:
-        return x.T @ np.linalg.solve(x @ x.T, target)
-    inv_xt = np.linalg.solve(metric, x.T.astype(np.float64))
-    return inv_xt @ np.linalg.solve(x @ inv_xt, target)
+    x = x.astype(np.float64)
+    inv_xt = x.T if metric is None else np.linalg.solve(metric, x.T)
+    return inv_xt @ np.linalg.inv(x @ inv_xt)
+
+
+def direction(x: np.ndarray, signs: np.ndarray, metric: np.ndarray | None = None) -> np.ndarray:
+    """Change d of the statistic with x @ d / sqrt(dim) = signs: every bit at the same margin."""
+    return embedding_map(x, metric) @ (signs.astype(np.float64) * math.sqrt(x.shape[1]))

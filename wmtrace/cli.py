@@ -85,6 +85,12 @@ def init(
         list[str] | None, typer.Option("--carrier", help="Carrier weight name (repeat) [default: automatic]")
     ] = None,
     bits: Annotated[int, typer.Option(help="Codeword length in bits (multiple of 8)")] = 256,
+    placement: Annotated[
+        str, typer.Option(help="Closed-form placement: activation (least output change) or minimal-norm")
+    ] = "activation",
+    repair_steps: Annotated[
+        int, typer.Option(help="Distillation steps after placement, per buyer (0: none, the measured best)")
+    ] = 0,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -95,7 +101,7 @@ def init(
     elif weights is None:
         _fail("--weights is required for a master other than the bundled example")
     else:
-        m = api.init(reg, name, weights, model, data, carriers or None, bits)
+        m = api.init(reg, name, weights, model, data, carriers or None, bits, steps=repair_steps, placement=placement)
     info = {
         "master": m.name,
         "factory": m.factory,
@@ -140,10 +146,13 @@ def issue(
     names: Annotated[Path | None, typer.Option(help="File with one buyer name per line")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: ./buyers/MASTER]")] = None,
     master: MasterOpt = None,
+    eval_samples: Annotated[
+        int | None, typer.Option(help="Held-out samples to measure each copy's fidelity on (0: skip) [default: all]")
+    ] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fine-tune the master into buyer copies, each carrying its buyer's ID."""
+    """Turn the master into buyer copies, each carrying its buyer's ID, each verified by tracing it."""
     name_list = None
     if names is not None:
         try:
@@ -170,7 +179,7 @@ def issue(
                    info=f"{info}bit margin {margin:.2f}")
 
     with bar:
-        issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress)
+        issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress, eval_samples=eval_samples)
     rows = [
         {"id": b.id, "name": b.name, "file": b.file, "agreement": b.agreement, "accuracy": b.accuracy}
         for b in issued

@@ -135,13 +135,17 @@ def place(
     margins: list[float],
     bits: np.ndarray,
     metrics: list[np.ndarray | None] | None = None,
+    maps: list[np.ndarray] | None = None,
 ) -> None:
     """Stage 1, in place on `state`: every filter of a carrier moves by the same vector, the one
-    whose effect on the layer's outputs is least under `metrics` (minimal norm where None)."""
-    metrics = metrics or [None] * len(carriers)
-    for c, x, m, metric in zip(carriers, projections, margins, metrics, strict=True):
+    whose effect on the layer's outputs is least under `metrics` (minimal norm where None).
+    `maps` (from `carriers.embedding_map`) saves recomputing them for every buyer."""
+    if maps is None:
+        metrics = metrics or [None] * len(carriers)
+        maps = [carriers_mod.embedding_map(x, mt) for x, mt in zip(projections, metrics, strict=True)]
+    for c, a, m in zip(carriers, maps, margins, strict=True):
         signs = 2.0 * bits[c.start : c.start + c.bits] - 1.0
-        d = m * carriers_mod.direction(x, signs, metric)
+        d = a @ (signs * m * math.sqrt(c.dim))
         w = state[c.name]
         state[c.name] = w + torch.from_numpy(d).to(w.dtype).reshape(1, *w.shape[1:])
 

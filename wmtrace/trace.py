@@ -96,25 +96,44 @@ def trace_tensors(
     if not masters:
         return TraceResult(UNKNOWN_MASTER, file, reason=f"registry {registry.root} has no master")
 
-    # Locate: the master whose carriers match best claims the file.
-    best: tuple[float, Master, list[Located | None], dict[str, np.ndarray]] | None = None
+    # Locate: masters whose carriers match best are tried first; the first that decodes claims the
+    # file (two masters can be near-identical, e.g. the same weights registered twice).
+    candidates = []
     for m in masters:
         arrays = master_arrays(m)
         carriers = [Carrier.from_dict(d) for d in m.config["carriers"]]
         found = locate(tensors, arrays, carriers)
         score = sum(f.similarity for f in found if f is not None) / len(found)
-        if best is None or score > best[0]:
-            best = (score, m, found, arrays)
-    score, m, found, arrays = best
+        candidates.append((score, m, found, arrays))
+    candidates = sorted((c for c in candidates if any(f is not None for f in c[2])), key=lambda c: -c[0])
+    # Each master tried is one more chance of a false accusation: split the bound among them.
+    share = max_false_positive / max(1, len(candidates))
+    results = [
+        _trace_master(m, found, arrays, registry, file, share, pending) for _, m, found, arrays in candidates
+    ]
+    for r in results:
+        if r.verdict == IDENTIFIED:
+            r.false_positive_probability = min(1.0, r.false_positive_probability * len(candidates))
+            return r
+    if results:
+        return results[0]
+    return TraceResult(NO_WATERMARK, file, reason="no registered master's carrier layers were found in this file")
+
+
+def _trace_master(
+    m: Master,
+    found: list[Located | None],
+    arrays: dict[str, np.ndarray],
+    registry: Registry,
+    file: str,
+    max_false_positive: float,
+    pending: list[Buyer],
+) -> TraceResult:
+    """Extract, decode and accuse against one master whose carriers were located in the file."""
     located = [f for f in found if f is not None]
     summary = [
         {"carrier": f.carrier.name, "found_as": f.source, "similarity": round(f.similarity, 4)} for f in located
     ]
-    if not located:
-        return TraceResult(
-            NO_WATERMARK, file, reason="no registered master's carrier layers were found in this file"
-        )
-
     key = registry.key(m.name)
     soft = extract(found, arrays, key, m.config)
     spec = codes.CodeSpec(**m.config["code"])
@@ -134,7 +153,6 @@ def trace_tensors(
     decoded = codes.decode(soft, spec, check, max(1, len(issued)), max_false_positive)
     if decoded is None:
         result.reason = "no registered buyer's codeword decodes from the extracted bits"
-        # Hard-bit agreement with the nearest issued codeword, as evidence for a person to judge.
         return result
     b = issued[decoded.buyer_id]
     result.verdict = IDENTIFIED
