@@ -2,8 +2,11 @@
 
 Naive baseline = the paper's fine-tune-to-embed run one buyer after another: SGD on the task loss
 plus lambda * BCE(sigmoid(X w), b) on the raw filter mean (lambda = 0.01, X ~ N(0, 1), as in
-Uchida et al.), until every bit has the right sign. wmtrace = closed-form placement + short
-distillation repair (the `issue` path). Both on the same master, data and buyers.
+Uchida et al.), until every bit has the right sign. wmtrace = the `issue` path with its defaults
+(activation-aware closed-form placement, self-check trace, fidelity measured on the 10,000 test
+images, file write, registry record), and once more without the fidelity measurement. Both on the
+same master and data. Compute is counted in forward-pass equivalents: a training sample costs
+about three (forward + backward), an evaluated sample one.
 
     python benchmarks/bench_issue.py --buyers 3 --out benchmarks/results/issue.json
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -80,14 +84,17 @@ def naive_buyer(reg, m, buyer_id: int, train, held_out, lr: float, max_steps: in
     return figures
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--buyers", type=int, default=3)
+    ap.add_argument("--buyers", type=int, default=3, help="buyers per method (naive, wmtrace)")
     ap.add_argument("--epochs", type=int, default=2, help="master training epochs")
     ap.add_argument("--max-steps", type=int, default=4000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/issue.json"))
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     with tempfile.TemporaryDirectory() as tmp:
         reg = api.open_registry(Path(tmp) / "registry", create=True)
@@ -99,13 +106,23 @@ def main() -> None:
         held_out = load_fashion_mnist("test")
 
         naive = [naive_buyer(reg, m, 10_000 + i, train, held_out, 0.01, args.max_steps) for i in range(args.buyers)]
+        rss_before = peak_rss_mb()
 
+        # Default issuing (fidelity measured on all 10,000 test images), then the same without the
+        # measurement: the difference is what the fidelity check costs per buyer.
         t0 = time.perf_counter()
         ours = api.issue(reg, buyers=args.buyers, out=Path(tmp) / "out")
         ours_seconds = (time.perf_counter() - t0) / args.buyers
+        rss_after_n = peak_rss_mb()
+        t0 = time.perf_counter()
+        api.issue(reg, buyers=args.buyers, out=Path(tmp) / "out2", eval_samples=0)
+        bare_seconds = (time.perf_counter() - t0) / args.buyers
+        rss_after_2n = peak_rss_mb()
         cfg = m.config["embed"]
 
     naive_seconds = float(np.mean([r["seconds"] for r in naive]))
+    forward_equivalents = 3 * master_samples  # a training sample costs about one forward and a 2x backward
+    per_buyer_forwards = cfg["moment_samples"] / args.buyers + 10_000
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "python": sys.version.split()[0],
@@ -119,15 +136,28 @@ def main() -> None:
         },
         "wmtrace": {
             "per_buyer_seconds": ours_seconds,
-            "per_buyer_samples": cfg["steps"] * cfg["batch_size"],
+            "per_buyer_seconds_without_fidelity_check": bare_seconds,
+            "per_buyer_training_samples": cfg["steps"] * cfg["batch_size"],
+            "per_buyer_forward_samples": per_buyer_forwards,
+            "compute_fraction_of_master": (3 * cfg["steps"] * cfg["batch_size"] + per_buyer_forwards)
+            / forward_equivalents,
+            "compute_fraction_without_fidelity_check": (
+                3 * cfg["steps"] * cfg["batch_size"] + cfg["moment_samples"] / args.buyers
+            ) / forward_equivalents,
+            "wall_fraction_of_master": ours_seconds / master_seconds,
+            "wall_fraction_without_fidelity_check": bare_seconds / master_seconds,
             "agreement": [b.agreement for b in ours],
             "accuracy": [b.accuracy for b in ours],
+            "margin": [b.margin for b in ours],
+            "peak_rss_mb": {"before_issuing": rss_before, f"after_{args.buyers}": rss_after_n,
+                            f"after_{2 * args.buyers}": rss_after_2n},
         },
         "speedup": naive_seconds / ours_seconds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("speedup",)} | {"naive_s": naive_seconds, "wmtrace_s": ours_seconds}))
+    print(json.dumps(result["wmtrace"], indent=1))
+    print(json.dumps({"speedup": result["speedup"], "naive_s": naive_seconds, "master_s": master_seconds}))
 
 
 if __name__ == "__main__":
