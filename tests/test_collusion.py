@@ -155,6 +155,8 @@ def test_cli_attack_collude_and_trace(crowd, tmp_path):
     assert d["colluders"] and {c["id"] for c in d["colluders"]} <= {buyers[0].id, buyers[1].id}
     r = runner.invoke(app, ["trace", str(out), *reg])
     assert r.exit_code == 0 and "colluders" in r.stdout and "accused" in r.stdout
+    r = runner.invoke(app, ["trace", str(out), "--max-false-positive", "2", *reg])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("case", ["one file", "unknown how", "missing file", "no output"])

@@ -95,6 +95,8 @@ def trace_tensors(
     pending: list[Buyer] = (),
 ) -> TraceResult:
     """Trace weights already in memory; `pending` buyers count as issued (for self-checks)."""
+    if not 0.0 < max_false_positive < 1.0:
+        raise BadInput(f"--max-false-positive {max_false_positive}: use a probability between 0 and 1")
     masters = [registry.master(master)] if master else registry.masters()
     if not masters:
         return TraceResult(UNKNOWN_MASTER, file, reason=f"registry {registry.root} has no master")
