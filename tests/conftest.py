@@ -43,3 +43,16 @@ def workdir(tmp_path, issued) -> Path:
     root, _ = issued
     shutil.copytree(root, tmp_path / "w", symlinks=True)
     return tmp_path / "w"
+
+
+@pytest.fixture(scope="session")
+def crowd(tmp_path_factory, issued):
+    """The issued registry grown to eight buyers, for merging copies; tests must not write to it."""
+    src, _ = issued
+    root = tmp_path_factory.mktemp("crowd")
+    shutil.copytree(src, root, dirs_exist_ok=True, symlinks=True)
+    reg = api.open_registry(root / "registry")
+    api.issue(reg, buyers=5, out=root / "more")
+    buyers = reg.buyers("small")
+    reg.close()
+    return root, buyers

@@ -317,6 +317,27 @@ def trace(path: str | os.PathLike, reg: Registry, master: str | None = None, max
     return _trace(path, reg, master, max_false_positive)
 
 
+def collude(files: list[str | os.PathLike], how: str, out: str | os.PathLike) -> dict:
+    """Merge several copies (`attacks.collude`) and write the result as safetensors.
+
+    Inputs go through the safe loader (any format `trace` reads); what they must share is their
+    tensor names and shapes. Integer buffers are not carried (the loader drops them).
+    """
+    from . import attacks
+
+    if len(files) < 2:
+        raise BadInput("give at least two model files to merge")
+    if how not in attacks.COLLUDE_HOW:
+        raise BadInput(f"--how {how!r}: choose from {', '.join(attacks.COLLUDE_HOW)}")
+    states = [{k: torch.from_numpy(v) for k, v in formats.load_tensors(f).items()} for f in files]
+    merged = attacks.collude(states, how)
+    out = Path(out)
+    if out.parent != Path(""):
+        _check_writable(out.parent)
+    formats.save_safetensors(merged, out)
+    return {"file": str(out), "how": how, "inputs": [str(f) for f in files], "tensors": len(merged)}
+
+
 def list_buyers(reg: Registry, master: str | None = None) -> list[Buyer]:
     return reg.buyers(master)
 

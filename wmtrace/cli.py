@@ -27,6 +27,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+attack_app = typer.Typer(
+    help="What a leaker does to copies before leaking them, to measure tracing against.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(attack_app, name="attack")
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
@@ -219,13 +225,20 @@ def trace(
 
 
 def _print_trace(r) -> None:
-    colour = {"identified": "green", "no watermark": "yellow"}.get(r.verdict, "red")
+    colour = {"identified": "green", "colluders": "magenta", "no watermark": "yellow"}.get(r.verdict, "red")
     out.print(f"[bold {colour}]{r.verdict}[/bold {colour}]  {r.file}")
     if r.master:
         out.print(f"  master: {r.master}")
     for c in r.carriers:
         out.print(f"  carrier {c['carrier']} found as {c['found_as']} (similarity {c['similarity']:.3f})")
-    if r.buyer:
+    if r.colluders:
+        out.print(f"  {r.reason}")
+        for c in r.colluders:
+            out.print(
+                f"  accused: [bold]{c['name']}[/bold] (id {c['id']}): score {c['score']:.2f}, "
+                f"probability that an innocent buyer scores this high <= {c['false_accusation_bound']:.2e}"
+            )
+    elif r.buyer:
         out.print(f"  buyer: [bold]{r.buyer['name']}[/bold] (id {r.buyer['id']})")
         out.print(
             f"  evidence: {r.bit_errors} of {r.bits - r.bits_missing} bits flipped, {r.bits_missing} missing; "
@@ -234,6 +247,24 @@ def _print_trace(r) -> None:
         out.print(f"  probability that an unmarked model gives this verdict: <= {r.false_positive_probability:.2e}")
     elif r.reason:
         out.print(f"  {r.reason}")
+
+
+@attack_app.command("collude")
+@guarded
+def attack_collude(
+    files: Annotated[list[Path] | None, typer.Argument(help="Two or more copies to merge")] = None,
+    how: Annotated[str, typer.Option(help="average | layers | majority (per-weight median)")] = "average",
+    output: Annotated[Path | None, typer.Option("-o", "--out", help="Merged model (.safetensors)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge several buyers' copies into one model, as colluding buyers would."""
+    if output is None:
+        _fail("give the output file with -o OUT")
+    info = api.collude(files or [], how, output)
+    if as_json:
+        _emit(info)
+        return
+    out.print(f"merged {len(info['inputs'])} copies ({how}) into {info['file']}")
 
 
 @app.command("buyers")

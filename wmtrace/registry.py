@@ -308,9 +308,12 @@ class Registry:
                 )
             self.audit(c, "release", master, ids=ids)
 
-    def log_trace(self, file: str, verdict: str, master: str | None, buyer: int | None) -> None:
+    def log_trace(
+        self, file: str, verdict: str, master: str | None, buyer: int | None, colluders: list[int] | None = None
+    ) -> None:
+        extra = {"colluders": colluders} if colluders else {}
         with self.transaction() as c:
-            self.audit(c, "trace", master, file=file, verdict=verdict, buyer=buyer)
+            self.audit(c, "trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
 
     def audit_log(self, limit: int = 100) -> list[dict]:
         rows = self.conn.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,))

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from safetensors.numpy import load_file
 
-from . import codes
+from . import accuse, codes
 
 try:
     from . import formats
@@ -21,6 +21,7 @@ from .errors import BadInput
 from .registry import Buyer, Master, Registry
 
 IDENTIFIED = "identified"
+COLLUDERS = "colluders"
 NO_WATERMARK = "no watermark"
 UNKNOWN_MASTER = "unknown master"
 DEFAULT_MAX_FALSE_POSITIVE = 1e-6
@@ -38,12 +39,14 @@ class TraceResult:
     symbol_errors: int | None = None
     erasures: int | None = None
     false_positive_probability: float | None = None
+    # Buyers accused by score when several copies were merged: id, name, score, false_accusation_bound.
+    colluders: list[dict] = field(default_factory=list)
     carriers: list[dict] = field(default_factory=list)
     reason: str = ""
 
     @property
     def exit_code(self) -> int:
-        return {IDENTIFIED: 0, NO_WATERMARK: 1}.get(self.verdict, 2)
+        return {IDENTIFIED: 0, COLLUDERS: 0, NO_WATERMARK: 1}.get(self.verdict, 2)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +95,8 @@ def trace_tensors(
     pending: list[Buyer] = (),
 ) -> TraceResult:
     """Trace weights already in memory; `pending` buyers count as issued (for self-checks)."""
+    if not 0.0 < max_false_positive < 1.0:
+        raise BadInput(f"--max-false-positive {max_false_positive}: use a probability between 0 and 1")
     masters = [registry.master(master)] if master else registry.masters()
     if not masters:
         return TraceResult(UNKNOWN_MASTER, file, reason=f"registry {registry.root} has no master")
@@ -112,8 +117,10 @@ def trace_tensors(
         _trace_master(m, found, arrays, registry, file, share, pending) for _, m, found, arrays in candidates
     ]
     for r in results:
-        if r.verdict == IDENTIFIED:
+        if r.verdict in (IDENTIFIED, COLLUDERS):
             r.false_positive_probability = min(1.0, r.false_positive_probability * len(candidates))
+            for c in r.colluders:
+                c["false_accusation_bound"] = min(1.0, c["false_accusation_bound"] * len(candidates))
             return r
     if results:
         return results[0]
@@ -151,16 +158,39 @@ def _trace_master(
         return buyer_id if buyer_id in issued else None
 
     decoded = codes.decode(soft, spec, check, max(1, len(issued)), max_false_positive)
-    if decoded is None:
-        result.reason = "no registered buyer's codeword decodes from the extracted bits"
+    ids = sorted(issued)
+    words = codes.codewords(key, m.name, ids, spec)
+    accused = accuse.accuse(soft, words, spec, max_false_positive)
+    if decoded is not None and {ids[a.index] for a in accused} <= {decoded.buyer_id}:
+        b = issued[decoded.buyer_id]
+        result.verdict = IDENTIFIED
+        result.buyer = {"id": b.id, "name": b.name}
+        result.bit_errors = decoded.bit_errors
+        result.symbol_errors = decoded.symbol_errors
+        result.erasures = decoded.erasures
+        result.false_positive_probability = decoded.false_positive_probability
         return result
-    b = issued[decoded.buyer_id]
-    result.verdict = IDENTIFIED
-    result.buyer = {"id": b.id, "name": b.name}
-    result.bit_errors = decoded.bit_errors
-    result.symbol_errors = decoded.symbol_errors
-    result.erasures = decoded.erasures
-    result.false_positive_probability = decoded.false_positive_probability
+    if decoded is None and not accused:
+        result.reason = "no registered buyer's codeword decodes from the extracted bits or scores above the threshold"
+        return result
+    # Several buyers' marks, or one too weak to decode: accuse by score.
+    result.verdict = COLLUDERS
+    for a in accused:
+        b = issued[ids[a.index]]
+        result.colluders.append(
+            {"id": b.id, "name": b.name, "score": round(a.score, 3), "false_accusation_bound": a.false_accusation_bound}
+        )
+    if decoded is not None and all(c["id"] != decoded.buyer_id for c in result.colluders):
+        b = issued[decoded.buyer_id]
+        z = float(accuse.scores(soft, words[ids.index(b.id)][None], spec)[0])
+        bound = decoded.false_positive_probability
+        result.colluders.append({"id": b.id, "name": b.name, "score": round(z, 3), "false_accusation_bound": bound})
+    result.false_positive_probability = max(c["false_accusation_bound"] for c in result.colluders)
+    result.reason = (
+        f"{len(result.colluders)} buyers' codewords agree with the extracted bits: copies merged"
+        if len(result.colluders) > 1
+        else "one buyer's codeword agrees with the extracted bits, too weakly to decode"
+    )
     return result
 
 
@@ -174,5 +204,5 @@ def trace(
     tensors = formats.load_tensors(path)
     result = trace_tensors(tensors, registry, str(path), master, max_false_positive)
     buyer = result.buyer["id"] if result.buyer else None
-    registry.log_trace(str(path), result.verdict, result.master, buyer)
+    registry.log_trace(str(path), result.verdict, result.master, buyer, [c["id"] for c in result.colluders])
     return result
