@@ -11,6 +11,7 @@ the state dict alone, under one assumption (see `hidden_layers`). Attacks that t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,16 +102,22 @@ class Hidden:
     block: int  # input features of the consumer per channel: 1 for a conv, H*W for a flattening linear
 
 
+def _natural(name: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p]
+
+
 def hidden_layers(state: State) -> list[Hidden]:
     """Conv layers with BatchNorm and the layer they feed, inferred from the state dict alone.
 
     Assumption (holds for sequential CNNs such as the example and VGG-like nets, not for residual
-    or branching ones): tensors are stored in forward order; a conv weight is followed by its bias,
-    then by at most one BatchNorm over its channels, and its output feeds only the next weight
-    tensor in order, which is a conv taking exactly that many input channels, or a linear layer on
-    the flattened (channel-major) output. Conv layers for which this does not fit are left alone.
+    or branching ones): tensor names in natural order (numbers compared as numbers, so `features.11`
+    after `features.7`, whatever order the file stores them in) follow the forward order; a conv
+    weight is followed by its bias, then by at most one BatchNorm over its channels, and its output
+    feeds only the next weight tensor in that order, which is a conv taking exactly that many input
+    channels, or a linear layer on the flattened (channel-major) output. Conv layers for which this
+    does not fit are left alone.
     """
-    names = list(state)
+    names = sorted(state, key=_natural)
     weights = [i for i, n in enumerate(names) if state[n].is_floating_point() and state[n].dim() >= 2]
     found = []
     for pos, i in enumerate(weights[:-1]):
