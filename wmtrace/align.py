@@ -145,17 +145,10 @@ def _match(t: np.ndarray, ref: np.ndarray, rounds: int = 3) -> tuple[np.ndarray,
     return best
 
 
-def nanmean_rows(a: np.ndarray) -> np.ndarray:
-    """Mean over rows ignoring NaN; NaN where a column has no value left (no warning)."""
-    known = ~np.isnan(a)
-    count = known.sum(0)
-    total = np.where(known, a, 0.0).sum(0)
-    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
-def robust_mean_rows(a: np.ndarray, trim: float = TRIM) -> np.ndarray:
-    """Trimmed mean over rows ignoring NaN: per column, the `trim` fraction of values at each end
-    is dropped. NaN where a column has no value left."""
+def robust_mean_rows(a: np.ndarray, trim: float | None = None) -> np.ndarray:
+    """Trimmed mean over rows ignoring NaN: per column, the `trim` fraction (default `TRIM`) of values
+    at each end is dropped. NaN where a column has no value left."""
+    trim = TRIM if trim is None else trim
     n = (~np.isnan(a)).sum(0)
     srt = np.sort(a, axis=0)  # NaN sort last
     lo = np.floor(trim * n).astype(int)
@@ -189,7 +182,12 @@ def _rescale(a: np.ndarray, master: np.ndarray, iters: int = 5) -> np.ndarray:
         ref = np.where(known, (master + d) * c[None, :, None], 0.0)
         s = _ls((a0 * ref).sum((1, 2)), (ref * ref).sum((1, 2)))
         if COLUMN_SCALE and cols > 1:
-            ref = np.where(known, (master + d) * s[:, None, None], 0.0)
+            # Channel scales from the filters that fit best only: one filter moved far away (weight
+            # shifting) must not rescale every channel.
+            fit = np.where(known, (master + d) * (s[:, None] * c[None, :])[:, :, None], 0.0)
+            resid = ((a0 - fit) ** 2).sum((1, 2)) / np.maximum((fit * fit).sum((1, 2)), 1e-30)
+            inlier = resid <= np.quantile(resid, 1.0 - TRIM) if rows > 2 else np.ones(rows, bool)
+            ref = np.where(known & inlier[:, None, None], (master + d) * s[:, None, None], 0.0)
             c_new = _ls((a0 * ref).sum((0, 2)), (ref * ref).sum((0, 2)))
             ok = np.abs(c_new) > 1e-12
             if ok.any():

@@ -357,13 +357,14 @@ class Trainer:
         return max(1, len(self.data("train")) // self.batch_size)
 
 
-def _train(model: nn.Module, trainer: Trainer, steps: int, lr: float, extra=None) -> nn.Module:
+def _train(model: nn.Module, trainer: Trainer, steps: int, lr: float, extra=None, callback=None) -> nn.Module:
     """Plain SGD (Nesterov momentum 0.9, weight decay 5e-4, as the example master), BatchNorm in
-    train mode, constant learning rate; `extra(model)` adds a loss term."""
+    train mode, constant learning rate; `extra(model)` adds a loss term; `callback(step, model)`
+    runs after every step (to snapshot a sweep from one run)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     model.train()
     batches = trainer.batches()
-    for _ in range(steps):
+    for step in range(steps):
         batch = next(batches)
         x, y = batch[0], batch[1]
         loss = F.cross_entropy(model(x), y)
@@ -372,6 +373,8 @@ def _train(model: nn.Module, trainer: Trainer, steps: int, lr: float, extra=None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if callback is not None:
+            callback(step + 1, model)
     return model.eval()
 
 
@@ -379,18 +382,18 @@ def _state(model: nn.Module) -> State:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def finetune(state: State, strength: float, trainer: Trainer, lr: float = 0.05) -> State:
+def finetune(state: State, strength: float, trainer: Trainer, lr: float = 0.05, callback=None) -> State:
     """Fine-tuning on the task without any regularizer; `strength` is the number of epochs (fractions
     allowed) at learning rate `lr` (the example master's own peak rate is 0.05)."""
     if strength < 0:
         raise BadInput(f"finetune: strength {strength} (epochs) must be >= 0")
     steps = round(strength * trainer.steps_per_epoch())
-    return _state(_train(trainer.model(state), trainer, steps, lr))
+    return _state(_train(trainer.model(state), trainer, steps, lr, callback=callback))
 
 
 def overwrite(
     state: State, strength: float, trainer: Trainer, lam: float = 0.01, bits: int = 256, lr: float = 0.01,
-    report: dict | None = None,
+    report: dict | None = None, callback=None,
 ) -> State:
     """The attacker embeds their own Uchida et al. watermark: own random key and bits, the same
     carrier layers wmtrace would choose, regularizer weight `lam` (0.01 as in the paper) on the raw
@@ -415,7 +418,7 @@ def overwrite(
             total = total + F.binary_cross_entropy_with_logits(logits, targets[name], reduction="sum")
         return lam * total
 
-    _train(model, trainer, int(strength), lr, uchida)
+    _train(model, trainer, int(strength), lr, uchida, callback)
     if report is not None:
         params = dict(model.named_parameters())
         wrong = sum(
