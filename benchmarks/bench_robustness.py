@@ -193,13 +193,31 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The table for BENCHMARKS.md."""
+    out = ["| attack | strength | verdict | right buyer | wrong buyer | BER (trimmed mean) | BER (plain mean) "
+           "| BER vs nearest other buyer | bits missing | attacker's accuracy |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['family']} | {r['strength']} | {r['verdict']} | {'yes' if r['identified'] else 'no'} "
+                   f"| {'YES' if r['wrong_buyer'] else 'no'} | {r['ber']:.3f} | {r['ber_plain_mean']:.3f} "
+                   f"| {r['ber_nearest_other_buyer']:.3f} | {r['bits_missing']} | {r['accuracy']:.2%} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--registry", type=Path, help="registry with the example master (reused; else a temporary one)")
     ap.add_argument("--families", default=",".join(["clean", *FAMILIES]))
     ap.add_argument("--quick", action="store_true", help="fewer strengths for the training attacks")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--from-json", action="store_true", help="only redraw the plot and table from robustness.json")
     args = ap.parse_args()
+    if args.from_json:
+        rows = json.loads((args.out / "robustness.json").read_text())["rows"]
+        plot(rows, args.out / "robustness.png")
+        (args.out / "robustness.md").write_text(markdown(rows))
+        return
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -225,6 +243,7 @@ def main() -> None:
         w = csv.DictWriter(f, keys)
         w.writeheader()
         w.writerows(rows)
+    (args.out / "robustness.md").write_text(markdown(rows))
     try:
         plot(rows, args.out / "robustness.png")
     except ImportError:
