@@ -29,8 +29,14 @@ from wmtrace.carriers import Carrier
 from wmtrace.data import load_fashion_mnist
 from wmtrace.trace import extract, master_arrays, trace_tensors
 
+# Sweeps of the training attacks (each point is a full training run except fine-tuning, whose points are
+# snapshots of one run); override with --epochs / --overwrite-steps / --shifts.
+EPOCHS = [0.1, 0.25, 0.5, 1.0, 2.0]
+OVERWRITE_STEPS = [25, 50, 100, 300]
+SHIFTS = [0.1, 0.3, 1.0, 3.0]
+SHIFT_STEPS = 200
 FAMILIES = ["prune-global", "prune-layer", "prune-random", "prune-filters", "prune-filters-all", "quantize",
-            "onnx", "noise", "permute", "finetune-0.05", "finetune-0.005", "overwrite", "shift"]
+            "onnx", "noise", "permute", "finetune-0.05", "finetune-0.01", "overwrite", "shift"]
 
 
 class Bench:
@@ -127,7 +133,7 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
             bench.record(family, a, attacks.permute(s, a, seed=1))
     elif family.startswith("finetune"):
         lr = float(family.split("-")[1])
-        epochs = [0.1, 0.5] if quick else [0.1, 0.25, 0.5, 1.0, 2.0]
+        epochs = [0.1, 0.5] if quick else EPOCHS
         per = trainer.steps_per_epoch()
         marks = {round(e * per): e for e in epochs}
 
@@ -139,13 +145,13 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
 
         attacks.finetune(s, max(epochs), trainer, lr, callback=snap)
     elif family == "overwrite":
-        for steps in ([50] if quick else [25, 50, 100, 300]):
+        for steps in ([50] if quick else OVERWRITE_STEPS):
             report: dict = {}
             state = attacks.overwrite(s, steps, trainer, report=report)
             bench.record(family, steps, state, attacker_ber=report["attacker_ber"])
     elif family == "shift":
-        for a in ([0.3] if quick else [0.1, 0.3, 1.0, 3.0]):
-            bench.record(family, a, attacks.shift(s, a, trainer, steps=200), steps=200)
+        for a in ([0.3] if quick else SHIFTS):
+            bench.record(family, a, attacks.shift(s, a, trainer, steps=SHIFT_STEPS), steps=SHIFT_STEPS)
     else:
         raise SystemExit(f"unknown family {family}")
 
@@ -174,7 +180,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, fam in zip(axes.flat, numeric, strict=False):
         rs = [r for r in rows if r["family"] == fam]
         x = [r["strength"] for r in rs]
-        ax.plot(x, [r["ber"] for r in rs], "o-", color="tab:red", label="bit error rate")
+        ax.plot(x, [np.nan if r["ber"] is None else r["ber"] for r in rs], "o-", color="tab:red",
+                label="bit error rate")
         ax.plot(x, [1.0 if r["identified"] else 0.0 for r in rs], "s--", color="tab:green", label="buyer named")
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(fam)
@@ -198,10 +205,13 @@ def markdown(rows: list[dict]) -> str:
     out = ["| attack | strength | verdict | right buyer | wrong buyer | BER (trimmed mean) | BER (plain mean) "
            "| BER vs nearest other buyer | bits missing | attacker's accuracy |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def f(v) -> str:
+        return "-" if v is None or v != v else f"{v:.3f}"
+
     for r in rows:
         out.append(f"| {r['family']} | {r['strength']} | {r['verdict']} | {'yes' if r['identified'] else 'no'} "
-                   f"| {'YES' if r['wrong_buyer'] else 'no'} | {r['ber']:.3f} | {r['ber_plain_mean']:.3f} "
-                   f"| {r['ber_nearest_other_buyer']:.3f} | {r['bits_missing']} | {r['accuracy']:.2%} |")
+                   f"| {'YES' if r['wrong_buyer'] else 'no'} | {f(r['ber'])} | {f(r['ber_plain_mean'])} "
+                   f"| {f(r['ber_nearest_other_buyer'])} | {r['bits_missing']} | {r['accuracy']:.2%} |")
     return "\n".join(out) + "\n"
 
 
@@ -212,7 +222,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer strengths for the training attacks")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--from-json", action="store_true", help="only redraw the plot and table from robustness.json")
+    ap.add_argument("--epochs", help="fine-tuning snapshots, e.g. 0.25,0.5,1")
+    ap.add_argument("--overwrite-steps", help="e.g. 50,100,300")
+    ap.add_argument("--shifts", help="weight-shifting strengths, e.g. 1,3")
+    ap.add_argument("--shift-steps", type=int)
     args = ap.parse_args()
+    global EPOCHS, OVERWRITE_STEPS, SHIFTS, SHIFT_STEPS
+    EPOCHS = [float(v) for v in args.epochs.split(",")] if args.epochs else EPOCHS
+    OVERWRITE_STEPS = [int(v) for v in args.overwrite_steps.split(",")] if args.overwrite_steps else OVERWRITE_STEPS
+    SHIFTS = [float(v) for v in args.shifts.split(",")] if args.shifts else SHIFTS
+    SHIFT_STEPS = args.shift_steps or SHIFT_STEPS
     if args.from_json:
         rows = json.loads((args.out / "robustness.json").read_text())["rows"]
         plot(rows, args.out / "robustness.png")
