@@ -1,11 +1,12 @@
 """Find a master's carrier tensors in a leaked file and bring them back to the master's layout.
 
-Names are not trusted (exporters rename), so a carrier is found by shape and by how closely the
-candidate's filters match the master's. A buyer copy descends from the master, so its filters
-stay close: matching is done per filter with linear assignment (undoing channel permutations),
-and each filter gets its own scale (undoing BatchNorm folded into the weights on ONNX export,
-or any positive/negative per-channel rescaling). Weights that are exactly zero are treated as
-missing (pruned), never as values.
+Names are not trusted (exporters rename), so a carrier is found by kernel shape and by how closely
+the candidate's filters match the master's. A buyer copy descends from the master, so its filters
+stay close: filters and input channels are matched with linear assignment, alternating between the
+two (undoing permutations of the layer's channels and of the layer feeding it; rectangular, so
+dummy channels stay unmatched and pruned ones become missing). Each filter and each input channel
+gets its own scale (undoing BatchNorm folded into the weights on ONNX export, or rescaling across
+ReLU). Weights that are exactly zero are treated as missing (pruned), never as values.
 """
 
 from __future__ import annotations
