@@ -1,11 +1,12 @@
 """Find a master's carrier tensors in a leaked file and bring them back to the master's layout.
 
-Names are not trusted (exporters rename), so a carrier is found by shape and by how closely the
-candidate's filters match the master's. A buyer copy descends from the master, so its filters
-stay close: matching is done per filter with linear assignment (undoing channel permutations),
-and each filter gets its own scale (undoing BatchNorm folded into the weights on ONNX export,
-or any positive/negative per-channel rescaling). Weights that are exactly zero are treated as
-missing (pruned), never as values.
+Names are not trusted (exporters rename), so a carrier is found by kernel shape and by how closely
+the candidate's filters match the master's. A buyer copy descends from the master, so its filters
+stay close: filters and input channels are matched with linear assignment, alternating between the
+two (undoing permutations of the layer's channels and of the layer feeding it; rectangular, so
+dummy channels stay unmatched and pruned ones become missing). Each filter and each input channel
+gets its own scale (undoing BatchNorm folded into the weights on ONNX export, or rescaling across
+ReLU). Weights that are exactly zero are treated as missing (pruned), never as values.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from .carriers import Carrier
 # Mean |cosine| between matched filters above which a tensor counts as this master's carrier.
 # Buyer copies score > 0.9; independently trained models of the same architecture score far lower.
 MATCH_THRESHOLD = 0.5
+# A leaked tensor may have up to this factor fewer or more filters / input channels than the carrier.
+MAX_RESHAPE = 4
+# Mean |cosine| above which filters are taken as matched without re-assigning input channels.
+IDENTITY_SCORE = 0.9
+# Fraction of filters dropped at each end before averaging per-filter differences: a filter moved
+# far on purpose (weight shifting) or left as noise cannot drag the estimate of the shared mark.
+TRIM = 0.2
+# Fit a scale per input channel too (undoes rescaling across ReLU of the layer feeding the carrier).
+COLUMN_SCALE = True
 
 
 @dataclass
@@ -30,13 +40,25 @@ class Located:
     weight: np.ndarray  # aligned to the master: rows x dim, NaN where the leaked weight is gone
 
 
-def _rows(t: np.ndarray, carrier: Carrier) -> list[np.ndarray]:
-    """Ways the tensor may hold the carrier: as is, or transposed (Linear stored for MatMul)."""
+def _views(t: np.ndarray, carrier: Carrier) -> list[np.ndarray]:
+    """Ways the tensor may hold the carrier, as out x in x kernel arrays: as is (possibly with fewer or
+    more filters and input channels: structured pruning, dummy channels), or transposed (Linear
+    stored for MatMul)."""
+    shape = carrier.shape
     out = []
-    if t.shape == carrier.shape:
-        out.append(t.reshape(carrier.rows, -1))
-    if t.ndim == 2 and t.T.shape == carrier.shape:
-        out.append(np.ascontiguousarray(t.T))
+    if t.ndim != len(shape) or t.ndim < 2:
+        return out
+    cands = [t]
+    if t.ndim == 2:
+        cands.append(np.ascontiguousarray(t.T))
+    for c in cands:
+        if c.shape[2:] != shape[2:]:
+            continue
+        if not (shape[0] / MAX_RESHAPE <= c.shape[0] <= shape[0] * MAX_RESHAPE):
+            continue
+        if not (shape[1] / MAX_RESHAPE <= c.shape[1] <= shape[1] * MAX_RESHAPE):
+            continue
+        out.append(c.reshape(c.shape[0], c.shape[1], -1))
     return out
 
 
@@ -45,42 +67,137 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.where(n > 0, n, 1.0)
 
 
-def _match(rows: np.ndarray, master: np.ndarray) -> tuple[np.ndarray, float]:
-    """Permutation of `rows` onto the master's filters, and the mean |cosine| it achieves."""
-    sim = np.abs(_unit(rows) @ _unit(master).T)  # leaked x master
+def _assign(sim: np.ndarray) -> np.ndarray:
+    """Best one-to-one assignment of leaked (rows of sim) to master (columns) items; -1 where a master
+    item has no partner (fewer leaked items: structured pruning). Extra leaked items are left out."""
     r, c = linear_sum_assignment(-sim)
-    perm = np.empty(len(c), dtype=int)
-    perm[c] = r
-    return perm, float(sim[r, c].mean())
+    where = np.full(sim.shape[1], -1, dtype=int)
+    where[c] = r
+    return where
 
 
-def nanmean_rows(a: np.ndarray) -> np.ndarray:
-    """Mean over rows ignoring NaN; NaN where a column has no value left (no warning)."""
-    known = ~np.isnan(a)
-    count = known.sum(0)
-    total = np.where(known, a, 0.0).sum(0)
+def _gather(t: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """t (out' x in' x k) in the master's layout (out x in x k); NaN for unmatched rows and columns."""
+    out = np.full((len(rows), len(cols), t.shape[2]), np.nan)
+    r_ok, c_ok = rows >= 0, cols >= 0
+    out[np.ix_(r_ok, c_ok)] = t[np.ix_(rows[r_ok], cols[c_ok])]
+    return out
+
+
+def _row_sim(t: np.ndarray, cols: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """|cosine| between leaked filters (input channels mapped by `cols`) and master filters, over the
+    weights the leaked filter still has: pruned (zero) weights say nothing about which filter it was."""
+    g = np.nan_to_num(_gather(t, np.arange(t.shape[0]), cols)).reshape(t.shape[0], -1)
+    m = ref.reshape(ref.shape[0], -1)
+    norm_m = np.sqrt((g != 0).astype(np.float64) @ (m * m).T)  # master's norm on each leaked filter's support
+    norm_g = np.linalg.norm(g, axis=1, keepdims=True)
+    den = norm_g * norm_m
+    return np.abs(np.where(den > 0, (g @ m.T) / np.where(den > 0, den, 1.0), 0.0))
+
+
+def _col_sim(t: np.ndarray, rows: np.ndarray, cols: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine between leaked input channels and master ones, over matched filters (each filter's
+    sign made to agree with its master filter first: BatchNorm folding may negate a filter)."""
+    ok = rows >= 0
+    g = np.nan_to_num(_gather(t, rows, cols))[ok]
+    sign = np.where((g * ref[ok]).sum((1, 2)) < 0, -1.0, 1.0)
+    a = np.transpose(t[rows[ok]] * sign[:, None, None], (1, 0, 2)).reshape(t.shape[1], -1)
+    b = np.transpose(ref[ok], (1, 0, 2)).reshape(ref.shape[1], -1)
+    return _unit(a) @ _unit(b).T
+
+
+def _col_init(t: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Input-channel assignment that ignores how filters are ordered or scaled: each channel's
+    kernel Gram matrix over unit-norm filters (or, for 1x1 kernels, its sorted magnitudes)."""
+
+    def feats(a: np.ndarray, n: int) -> np.ndarray:
+        u = _unit(a.reshape(a.shape[0], -1)).reshape(a.shape)
+        if a.shape[2] > 1:
+            return np.einsum("rjk,rjl->jkl", u, u).reshape(a.shape[1], -1)
+        v = np.sort(np.abs(u[:, :, 0]), axis=0)  # rows x channels
+        idx = np.linspace(0, v.shape[0] - 1, n).round().astype(int)
+        return v[idx].T
+
+    n = min(t.shape[0], ref.shape[0])
+    fa, fb = feats(t, n), feats(ref, n)
+    fa, fb = fa - fa.mean(1, keepdims=True), fb - fb.mean(1, keepdims=True)
+    return _assign(_unit(fa) @ _unit(fb).T)
+
+
+def _match(t: np.ndarray, ref: np.ndarray, rounds: int = 3) -> tuple[np.ndarray, np.ndarray, float]:
+    """Filters and input channels of `t` matched to the master's, and the mean |cosine| of matched
+    filters. Alternates: filters given channels, channels given filters. Starts from channels as
+    they are (when the count fits) and, unless that already matches, from an order-free guess."""
+    starts = [np.arange(ref.shape[1])] if t.shape[1] == ref.shape[1] else []
+    best = None
+    for k in range(2):
+        cols = starts[0] if k < len(starts) else _col_init(t, ref)
+        for i in range(rounds):
+            sim = _row_sim(t, cols, ref)
+            rows = _assign(sim)
+            score = float(sim[rows[rows >= 0], np.flatnonzero(rows >= 0)].mean())
+            if score > IDENTITY_SCORE or i == rounds - 1:
+                break
+            cols = _assign(_col_sim(t, rows, cols, ref))
+        if best is None or score > best[2]:
+            best = (rows, cols, score)
+        if best[2] > IDENTITY_SCORE or k >= len(starts):
+            break
+    return best
+
+
+def robust_mean_rows(a: np.ndarray, trim: float | None = None) -> np.ndarray:
+    """Trimmed mean over rows ignoring NaN: per column, the `trim` fraction (default `TRIM`) of values
+    at each end is dropped. NaN where a column has no value left."""
+    trim = TRIM if trim is None else trim
+    n = (~np.isnan(a)).sum(0)
+    srt = np.sort(a, axis=0)  # NaN sort last
+    lo = np.floor(trim * n).astype(int)
+    idx = np.arange(a.shape[0])[:, None]
+    keep = (idx >= lo) & (idx < n - lo)
+    total = np.where(keep, srt, 0.0).sum(0)
+    count = keep.sum(0)
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _rescale(rows: np.ndarray, master: np.ndarray, iters: int = 4) -> np.ndarray:
-    """Undo per-filter scaling: rows ~ s_l * (master_l + d) with a shared shift d (the mark).
+def _ls(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
-    Alternating least squares on s and d, so the scale estimate is not biased by the mark itself.
-    Missing (NaN) entries take no part.
+
+def _rescale(a: np.ndarray, master: np.ndarray, iters: int = 5) -> np.ndarray:
+    """Undo scaling: a[l, j] ~ s_l * c_j * (master[l, j] + d[j]), with a per-filter scale s (BatchNorm
+    folded in, or rescaled filters), a per-input-channel scale c (the previous layer's channels
+    rescaled across ReLU) and a shift d shared by all filters (the mark).
+
+    Alternating least squares on s, c and d, so the scales are not biased by the mark itself; d is a
+    trimmed mean over filters. Missing (NaN) entries take no part. Returns rows x dim.
     """
-    known = ~np.isnan(rows)
-    r0 = np.where(known, rows, 0.0)
-    d = np.zeros(master.shape[1])
-    out = rows
+    known = ~np.isnan(a)
+    a0 = np.where(known, a, 0.0)
+    rows, cols, _ = a.shape
+    d = np.zeros(master.shape[1:])
+    c = np.ones(cols)
+    s = np.ones(rows)
+    out = a
     for _ in range(iters):
-        ref = np.where(known, master + d, 0.0)
-        denom = (ref * ref).sum(1)
-        s = np.where(denom > 0, (r0 * ref).sum(1) / np.where(denom > 0, denom, 1.0), 0.0)
-        ok = np.abs(s) > 1e-12
-        out = np.full_like(rows, np.nan)
-        out[ok] = rows[ok] / s[ok, None]
-        d = np.nan_to_num(nanmean_rows(out - master)) if ok.any() else d
-    return out
+        ref = np.where(known, (master + d) * c[None, :, None], 0.0)
+        s = _ls((a0 * ref).sum((1, 2)), (ref * ref).sum((1, 2)))
+        if COLUMN_SCALE and cols > 1:
+            # Channel scales from the filters that fit best only: one filter moved far away (weight
+            # shifting) must not rescale every channel.
+            fit = np.where(known, (master + d) * (s[:, None] * c[None, :])[:, :, None], 0.0)
+            resid = ((a0 - fit) ** 2).sum((1, 2)) / np.maximum((fit * fit).sum((1, 2)), 1e-30)
+            inlier = resid <= np.quantile(resid, 1.0 - TRIM) if rows > 2 else np.ones(rows, bool)
+            ref = np.where(known & inlier[:, None, None], (master + d) * s[:, None, None], 0.0)
+            c_new = _ls((a0 * ref).sum((0, 2)), (ref * ref).sum((0, 2)))
+            ok = np.abs(c_new) > 1e-12
+            if ok.any():
+                c = np.where(ok, c_new / np.median(c_new[ok]), 1.0)
+        scale = s[:, None, None] * c[None, :, None]
+        good = np.abs(scale) > 1e-12
+        out = np.where(good & known, a / np.where(good, scale, 1.0), np.nan)
+        d = np.nan_to_num(robust_mean_rows((out - master).reshape(rows, -1))).reshape(master.shape[1:])
+    return out.reshape(rows, -1)
 
 
 def locate(
@@ -90,22 +207,22 @@ def locate(
     found: list[Located | None] = []
     taken: set[str] = set()
     for c in carriers:
-        ref = master[c.name].reshape(c.rows, -1).astype(np.float64)
-        best: tuple[float, str, np.ndarray, np.ndarray] | None = None
+        ref = master[c.name].astype(np.float64).reshape(c.shape[0], c.shape[1], -1)
+        best: tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None = None
         for name, t in tensors.items():
-            if name in taken or t.size != ref.size:
+            if name in taken:
                 continue
-            for rows in _rows(t, c):
-                rows = rows.astype(np.float64)
-                perm, score = _match(rows, ref)
+            for view in _views(t, c):
+                view = view.astype(np.float64)
+                rows, cols, score = _match(view, ref)
                 if best is None or score > best[0]:
-                    best = (score, name, rows, perm)
+                    best = (score, name, view, rows, cols)
         if best is None or best[0] < MATCH_THRESHOLD:
             found.append(None)
             continue
-        score, name, rows, perm = best
+        score, name, view, rows, cols = best
         taken.add(name)
-        rows = rows[perm]
-        rows = np.where(rows == 0.0, np.nan, rows)
-        found.append(Located(c, name, score, _rescale(rows, ref)))
+        aligned = _gather(view, rows, cols)
+        aligned = np.where(aligned == 0.0, np.nan, aligned)
+        found.append(Located(c, name, score, _rescale(aligned, ref)))
     return found

@@ -383,3 +383,59 @@ def demo(
         "trace": result.to_dict(),
         "correct": result.buyer is not None and result.buyer["id"] == guilty.id,
     }
+
+
+ATTACKS = ("prune", "prune-filters", "quantize", "noise", "permute", "finetune", "overwrite", "shift")
+
+
+def attack(
+    kind: str,
+    file: str | os.PathLike,
+    out: str | os.PathLike,
+    strength: float = 0.0,
+    *,
+    mode: str | None = None,
+    layers: list[str] | None = None,
+    seed: int = 0,
+    lr: float | None = None,
+    steps: int | None = None,
+    rescale: bool = True,
+    factory: str = EXAMPLE_FACTORY,
+    data: str = EXAMPLE_DATA,
+) -> dict:
+    """Apply one attack of `wmtrace.attacks` to a weight file and write the result as safetensors."""
+    from . import attacks
+
+    if kind not in ATTACKS:
+        raise BadInput(f"unknown attack {kind!r}: use one of {', '.join(ATTACKS)}")
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in formats.load_tensors(file).items()}
+    info: dict = {"attack": kind, "input": str(file), "output": str(out), "strength": strength}
+
+    def trainer() -> attacks.Trainer:
+        return attacks.Trainer(import_object(factory), import_object(data), seed=seed)
+
+    if kind == "prune":
+        info["mode"] = mode or "global"
+        result = attacks.prune(state, strength, info["mode"], seed)
+    elif kind == "prune-filters":
+        result = attacks.prune_filters(state, strength, layers)
+    elif kind == "quantize":
+        info["mode"] = mode or "int8-channel"
+        result = attacks.quantize(state, info["mode"])
+    elif kind == "noise":
+        result = attacks.noise(state, strength, seed)
+    elif kind == "permute":
+        result = attacks.permute(state, strength, seed, rescale)
+    elif kind == "finetune":
+        info["lr"] = lr if lr is not None else 0.05
+        result = attacks.finetune(state, strength, trainer(), info["lr"])
+    elif kind == "overwrite":
+        info["lr"] = lr if lr is not None else 0.01
+        result = attacks.overwrite(state, strength, trainer(), lr=info["lr"], report=info)
+    else:
+        info["lr"] = lr if lr is not None else 0.01
+        info["steps"] = steps if steps is not None else 200
+        result = attacks.shift(state, strength, trainer(), info["steps"], info["lr"], seed)
+    formats.save_safetensors(result, out)
+    info["shapes_changed"] = sorted(k for k in state if k in result and result[k].shape != state[k].shape)
+    return info

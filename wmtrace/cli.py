@@ -28,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 attack_app = typer.Typer(
-    help="What a leaker does to copies before leaking them, to measure tracing against.",
+    help="Attack weight files as a leaker would (writes safetensors), to measure what a trace survives.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -333,6 +333,122 @@ def demo(
     else:
         out.print("[bold red]wrong or no buyer[/bold red]")
     raise typer.Exit(0 if story["correct"] else 1)
+
+
+FileArg = Annotated[Path, typer.Argument(help="Weights to attack (.safetensors / .onnx / checkpoint)")]
+OutOpt = Annotated[Path, typer.Option("-o", "--out", help="Where to write the attacked weights (.safetensors)")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed")]
+ModelOpt = Annotated[str, typer.Option("--model", help="module:factory that builds the nn.Module")]
+DataOpt = Annotated[str, typer.Option("--data", help="module:function(split) -> Dataset of (input, label)")]
+
+
+def _attack(kind: str, file: Path, out_path: Path, strength: float, as_json: bool, **kw) -> None:
+    info = api.attack(kind, file, out_path, strength, **kw)
+    if as_json:
+        _emit(info)
+        return
+    extra = "".join(f", {k} {info[k]}" for k in ("mode", "lr", "steps", "attacker_ber") if k in info)
+    out.print(f"{kind} (strength {strength}{extra}): {file} -> {out_path}")
+    if info["shapes_changed"]:
+        out.print(f"  shapes changed: {', '.join(info['shapes_changed'])}")
+
+
+@attack_app.command("prune")
+@guarded
+def attack_prune(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Fraction of conv/linear weights set to zero")] = 0.5,
+    mode: Annotated[str, typer.Option(help="global | layer (same fraction per layer) | random")] = "global",
+    seed: SeedOpt = 0, as_json: JsonOpt = False,
+) -> None:
+    """Unstructured pruning: smallest magnitudes globally or per layer, or random weights."""
+    _attack("prune", file, out_path, strength, as_json, mode=mode, seed=seed)
+
+
+@attack_app.command("prune-filters")
+@guarded
+def attack_prune_filters(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Fraction of output filters removed per conv layer")] = 0.5,
+    layers: Annotated[list[str] | None, typer.Option("--layer", help="Conv weight to prune (repeat) [all]")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Structured pruning: remove the lowest-L1 filters and the next layer's matching inputs (shapes shrink)."""
+    _attack("prune-filters", file, out_path, strength, as_json, layers=layers or None)
+
+
+@attack_app.command("quantize")
+@guarded
+def attack_quantize(
+    file: FileArg, out_path: OutOpt,
+    mode: Annotated[str, typer.Option(help="fp16 | bf16 | int8 (per tensor) | int8-channel")] = "int8-channel",
+    as_json: JsonOpt = False,
+) -> None:
+    """Lower precision; int8 weights are stored as int8 plus a float32 NAME_scale tensor."""
+    _attack("quantize", file, out_path, 0.0, as_json, mode=mode)
+
+
+@attack_app.command("noise")
+@guarded
+def attack_noise(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Noise std relative to each weight tensor's std")] = 0.1,
+    seed: SeedOpt = 0, as_json: JsonOpt = False,
+) -> None:
+    """Gaussian noise on every conv/linear weight."""
+    _attack("noise", file, out_path, strength, as_json, seed=seed)
+
+
+@attack_app.command("permute")
+@guarded
+def attack_permute(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Dummy channels added per existing channel")] = 0.25,
+    rescale: Annotated[bool, typer.Option(help="Also rescale channels across BatchNorm and ReLU")] = True,
+    seed: SeedOpt = 0, as_json: JsonOpt = False,
+) -> None:
+    """Function-preserving: permute, rescale and pad hidden channels with dummies (outputs unchanged)."""
+    _attack("permute", file, out_path, strength, as_json, seed=seed, rescale=rescale)
+
+
+@attack_app.command("finetune")
+@guarded
+def attack_finetune(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Epochs of fine-tuning (fractions allowed)")] = 1.0,
+    lr: Annotated[float, typer.Option(help="Learning rate (SGD, Nesterov momentum 0.9)")] = 0.05,
+    model: ModelOpt = api.EXAMPLE_FACTORY, data: DataOpt = api.EXAMPLE_DATA,
+    seed: SeedOpt = 0, as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune on the task without any regularizer."""
+    _attack("finetune", file, out_path, strength, as_json, lr=lr, factory=model, data=data, seed=seed)
+
+
+@attack_app.command("overwrite")
+@guarded
+def attack_overwrite(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Training steps embedding the attacker's own mark")] = 300,
+    lr: Annotated[float, typer.Option(help="Learning rate")] = 0.01,
+    model: ModelOpt = api.EXAMPLE_FACTORY, data: DataOpt = api.EXAMPLE_DATA,
+    seed: SeedOpt = 0, as_json: JsonOpt = False,
+) -> None:
+    """Embed the attacker's own Uchida watermark (own key, 256 bits, lambda 0.01) in the same layers."""
+    _attack("overwrite", file, out_path, strength, as_json, lr=lr, factory=model, data=data, seed=seed)
+
+
+@attack_app.command("shift")
+@guarded
+def attack_shift(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Shift of each conv layer's filter mean, in weight stds")] = 0.1,
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps after the shift")] = 200,
+    lr: Annotated[float, typer.Option(help="Learning rate")] = 0.01,
+    model: ModelOpt = api.EXAMPLE_FACTORY, data: DataOpt = api.EXAMPLE_DATA,
+    seed: SeedOpt = 0, as_json: JsonOpt = False,
+) -> None:
+    """Weight shifting: move one filter per conv layer, then fine-tune briefly."""
+    _attack("shift", file, out_path, strength, as_json, steps=steps, lr=lr, factory=model, data=data, seed=seed)
 
 
 def main() -> None:  # pragma: no cover - console entry point

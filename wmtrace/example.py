@@ -19,25 +19,30 @@ from . import fidelity, formats
 from .data import load_fashion_mnist
 from .errors import BadInput
 
+WIDTHS = (16, 32, 64, 64)
+
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class FashionCNN(nn.Module):
-    """Four conv layers with BatchNorm and a linear head: 28x28 -> 14x14 -> 7x7 -> 10 classes."""
+    """Four conv layers with BatchNorm and a linear head: 28x28 -> 14x14 -> 7x7 -> 10 classes.
+    `widths` (output channels per conv) differ from the default only for structurally pruned or
+    widened copies (see `build_like`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, widths: tuple[int, int, int, int] = WIDTHS) -> None:
         super().__init__()
+        a, b, c, d = widths
         self.features = nn.Sequential(
-            *_block(1, 16),
-            *_block(16, 32),
+            *_block(1, a),
+            *_block(a, b),
             nn.MaxPool2d(2),
-            *_block(32, 64),
+            *_block(b, c),
             nn.MaxPool2d(2),
-            *_block(64, 64),
+            *_block(c, d),
         )
-        self.head = nn.Linear(64 * 7 * 7, 10)
+        self.head = nn.Linear(d * 7 * 7, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))
@@ -46,6 +51,18 @@ class FashionCNN(nn.Module):
 def build() -> nn.Module:
     """The factory named `wmtrace.example:build` in registries."""
     return FashionCNN()
+
+
+def build_like(state: dict[str, torch.Tensor]) -> nn.Module:
+    """The example CNN with the channel widths found in `state` (after structured pruning or dummy
+    channels), loaded with it: what an attacker would rebuild to run a reshaped copy."""
+    widths = tuple(int(state[f"features.{i}.weight"].shape[0]) for i in (0, 3, 7, 11))
+    model = FashionCNN(widths)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.endswith("num_batches_tracked")] + list(unexpected)
+    if bad:
+        raise BadInput(f"weights do not fit the example CNN ({bad[0]!r})")
+    return model.eval()
 
 
 def dataset(split: str) -> TensorDataset:

@@ -56,14 +56,32 @@ def _safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     out: dict[str, np.ndarray] = {}
+    ints: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:  # torch, since numpy has no bfloat16
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                a = _float32(f.get_tensor(name))
+                t = f.get_tensor(name)
+                a = _float32(t)
                 if a is not None:
                     out[name] = a
+                elif t.dtype in (torch.int8, torch.uint8) and t.dim() >= 2:
+                    ints[name] = t
     except Exception as e:  # safetensors raises its own error types for truncation and bad headers
         raise BadInput(f"{path}: corrupt or truncated safetensors file ({_line(e)})") from e
+    # Weights stored quantized: NAME (int8/uint8) + NAME_scale (+ NAME_zero_point), per tensor or per
+    # output channel, as `wmtrace.attacks.quantize` and compressed-tensors checkpoints store them.
+    for name, q in ints.items():
+        scale = out.pop(f"{name}_scale", None)
+        if scale is None:
+            continue
+        zero = out.pop(f"{name}_zero_point", None)
+        if zero is None and f"{name}_zero_point" in ints:
+            zero = ints[f"{name}_zero_point"].numpy()
+        s = scale.reshape(-1)
+        if s.size not in (1, q.shape[0]):
+            raise BadInput(f"{path}: quantized weight {name!r} does not fit its scale")
+        out[name] = _dequantize(q.numpy(), s if s.size > 1 else s.reshape(()),
+                                None if zero is None else np.asarray(zero).reshape(-1 if s.size > 1 else ()), 0)
     return out
 
 

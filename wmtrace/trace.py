@@ -15,7 +15,7 @@ try:
     from . import formats
 except ImportError:
     formats = None
-from .align import Located, locate, nanmean_rows
+from .align import Located, locate, robust_mean_rows
 from .carriers import Carrier
 from .errors import BadInput
 from .registry import Buyer, Master, Registry
@@ -25,6 +25,10 @@ COLLUDERS = "colluders"
 NO_WATERMARK = "no watermark"
 UNKNOWN_MASTER = "unknown master"
 DEFAULT_MAX_FALSE_POSITIVE = 1e-6
+# Least-squares recovery of the mark from partial dimensions needs this many dimensions left per bit;
+# with fewer the fit is too ill-conditioned and the plain projection of what is left is used.
+RECOVER_DIMS_PER_BIT = 1.1
+RIDGE = 0.01  # measured: slightly fewer bit errors than none (0.01-0.2 tried) under pruning + noise
 
 
 @dataclass
@@ -62,15 +66,24 @@ def master_arrays(m: Master) -> dict[str, np.ndarray]:
 def soft_bits(found: Located, master_weight: np.ndarray, x: np.ndarray, margin: float) -> np.ndarray:
     """Projections of the aligned filter-mean difference, in margins; NaN when nothing is left.
 
-    Dimensions whose weights were all pruned simply drop out of the projection: the remaining
-    ones still carry their share of every bit.
+    The difference is a trimmed mean over filters (the mark moves every filter alike). Where whole
+    dimensions of the statistic are gone (input channels removed by structured pruning, or every
+    weight of a position pruned), the mark is recovered from the rest: issuing moved the statistic
+    by a combination of the key's rows (the minimal-norm solution), so its coefficients are a least
+    squares fit on the dimensions left, and the projections follow from them.
     """
     ref = master_weight.reshape(found.carrier.rows, -1).astype(np.float64)
-    delta = nanmean_rows(found.weight - ref)
+    delta = robust_mean_rows(found.weight - ref)
     known = ~np.isnan(delta)
+    scale = math.sqrt(x.shape[1]) * margin
     if not known.any():
         return np.full(x.shape[0], np.nan)
-    return (x[:, known] @ delta[known]) / (math.sqrt(x.shape[1]) * margin)
+    if known.all() or known.sum() < RECOVER_DIMS_PER_BIT * x.shape[0]:
+        return (x[:, known] @ delta[known]) / scale
+    xk = x[:, known]
+    ridge = RIDGE * xk.shape[1] * np.eye(xk.shape[0])
+    alpha = np.linalg.solve(xk @ xk.T + ridge, xk @ delta[known])
+    return (x @ x.T @ alpha) / scale
 
 
 def extract(

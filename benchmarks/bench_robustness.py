@@ -1,0 +1,274 @@
+"""Robustness report: every attack family over a range of strengths, on the example master.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_robustness.py [--registry DIR] [--families a,b] [--quick]
+
+For each attacked copy of one issued buyer: the bit error rate against that buyer's codeword before
+error correction (over the bits still present; also with a plain mean over filters instead of the
+trimmed mean, to compare extractions), the verdict, whether the right buyer was named, whether a
+wrong one was (never expected), and the attacker's test accuracy on the 10,000 Fashion-MNIST test
+images. Writes benchmarks/results/robustness.{csv,json} and robustness.png (needs the `report`
+extra: matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from wmtrace import align, api, attacks, example, fidelity, formats
+from wmtrace.carriers import Carrier
+from wmtrace.data import load_fashion_mnist
+from wmtrace.trace import extract, master_arrays, trace_tensors
+
+# Sweeps of the training attacks (each point is a full training run except fine-tuning, whose points are
+# snapshots of one run); override with --epochs / --overwrite-steps / --shifts.
+EPOCHS = [0.1, 0.25, 0.5, 1.0, 2.0]
+OVERWRITE_STEPS = [25, 50, 100, 300]
+SHIFTS = [0.1, 0.3, 1.0, 3.0]
+SHIFT_STEPS = 200
+FAMILIES = ["prune-global", "prune-layer", "prune-random", "prune-filters", "prune-filters-all", "quantize",
+            "onnx", "noise", "permute", "finetune-0.05", "finetune-0.01", "overwrite", "shift"]
+
+
+class Bench:
+    def __init__(self, reg, leaker, others, out: Path) -> None:
+        self.reg, self.leaker, self.out = reg, leaker, out
+        self.m = reg.master(leaker.master)
+        self.arrays = master_arrays(self.m)
+        self.carriers = [Carrier.from_dict(d) for d in self.m.config["carriers"]]
+        self.key = reg.key(self.m.name)
+        self.truth = np.unpackbits(np.frombuffer(bytes.fromhex(leaker.codeword), np.uint8))
+        self.inputs, self.labels = load_fashion_mnist("test")
+        self.rows: list[dict] = []
+        self.state = load_file(leaker.file)
+        self.others = [np.unpackbits(np.frombuffer(bytes.fromhex(b.codeword), np.uint8)) for b in others]
+
+    def ber(self, tensors: dict[str, np.ndarray], trim: float) -> tuple[float, int, float]:
+        """BER against the leaker's codeword, bits missing, and the lowest BER against another buyer's."""
+        old, align.TRIM = align.TRIM, trim
+        try:
+            soft = extract(align.locate(tensors, self.arrays, self.carriers), self.arrays, self.key, self.m.config)
+        finally:
+            align.TRIM = old
+        known = ~np.isnan(soft)
+        if not known.any():
+            return float("nan"), int(len(soft)), float("nan")
+        bits = soft[known] > 0
+        other = min(float((bits != o[known]).mean()) for o in self.others)
+        return float((bits != self.truth[known]).mean()), int((~known).sum()), other
+
+    def record(self, family: str, strength, state=None, path: Path | None = None, accuracy: float | None = None,
+               **extra) -> None:
+        if path is None:
+            path = self.out / "leak.safetensors"
+            formats.save_safetensors(state, path)
+        tensors = formats.load_tensors(path)
+        t0 = time.perf_counter()
+        result = trace_tensors(tensors, self.reg, str(path))
+        trace_s = time.perf_counter() - t0
+        if accuracy is None:
+            model = example.build_like(attacks.dequantize(state))
+            accuracy = fidelity.evaluate(model, self.inputs, self.labels)
+        ber, missing, ber_other = self.ber(tensors, align.TRIM)
+        ber_mean, _, _ = self.ber(tensors, 0.0)
+        named = result.buyer["id"] if result.buyer else None
+        row = {
+            "family": family, "strength": strength, "verdict": result.verdict,
+            "identified": named == self.leaker.id, "wrong_buyer": named is not None and named != self.leaker.id,
+            "ber": round(ber, 4), "ber_plain_mean": round(ber_mean, 4), "ber_nearest_other_buyer": round(ber_other, 4),
+            "bits_missing": missing,
+            "symbol_errors": result.symbol_errors, "erasures": result.erasures,
+            "false_positive_probability": result.false_positive_probability,
+            "accuracy": round(accuracy, 4), "trace_s": round(trace_s, 3), **extra,
+        }
+        self.rows.append(row)
+        print(f"{family:18s} {strength!s:>8} {result.verdict:13s} right={row['identified']!s:5} "
+              f"ber={ber:.3f} (plain mean {ber_mean:.3f}, other buyers >= {ber_other:.3f}) missing={missing:3d} "
+              f"acc={accuracy:.4f}", flush=True)
+
+
+def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
+    s, carriers = bench.state, [c.name for c in bench.carriers]
+    trainer = attacks.Trainer(example.build, example.dataset, seed=0)
+    if family == "clean":
+        bench.record("clean", 0, s)
+    elif family.startswith("prune-") and family in ("prune-global", "prune-layer", "prune-random"):
+        mode = family.split("-")[1]
+        for a in [0.5, 0.8, 0.9, 0.95, 0.97, 0.99]:
+            bench.record(family, a, attacks.prune(s, a, mode, seed=1))
+    elif family == "prune-filters":
+        for a in [0.25, 0.5, 0.6, 0.7, 0.8]:
+            bench.record(family, a, attacks.prune_filters(s, a, carriers))
+    elif family == "prune-filters-all":
+        for a in [0.25, 0.5, 0.6, 0.7]:
+            bench.record(family, a, attacks.prune_filters(s, a))
+    elif family == "quantize":
+        for mode in attacks.QUANT_MODES:
+            bench.record(family, mode, attacks.quantize(s, mode))
+    elif family == "onnx":
+        model = example.build_like(s)
+        path = tmp / "leak.onnx"
+        formats.export_onnx(model, bench.inputs[:1], path)
+        acc = _onnx_accuracy(path, bench)
+        bench.record(family, "export", path=path, accuracy=acc)
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        qpath = tmp / "leak-int8.onnx"
+        quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8, per_channel=True)
+        bench.record(family, "export+int8-dynamic", path=qpath, accuracy=_onnx_accuracy(qpath, bench))
+    elif family == "noise":
+        for a in [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]:
+            bench.record(family, a, attacks.noise(s, a, seed=1))
+    elif family == "permute":
+        for a in [0.0, 0.25, 0.5, 1.0]:
+            bench.record(family, a, attacks.permute(s, a, seed=1))
+    elif family.startswith("finetune"):
+        lr = float(family.split("-")[1])
+        epochs = [0.1, 0.5] if quick else EPOCHS
+        per = trainer.steps_per_epoch()
+        marks = {round(e * per): e for e in epochs}
+
+        def snap(step, model):
+            if step in marks:
+                bench.record(family, marks[step], {k: v.detach().clone() for k, v in model.state_dict().items()},
+                             lr=lr)
+                model.train()
+
+        attacks.finetune(s, max(epochs), trainer, lr, callback=snap)
+    elif family == "overwrite":
+        for steps in ([50] if quick else OVERWRITE_STEPS):
+            report: dict = {}
+            state = attacks.overwrite(s, steps, trainer, report=report)
+            bench.record(family, steps, state, attacker_ber=report["attacker_ber"])
+    elif family == "shift":
+        for a in ([0.3] if quick else SHIFTS):
+            bench.record(family, a, attacks.shift(s, a, trainer, steps=SHIFT_STEPS), steps=SHIFT_STEPS)
+    else:
+        raise SystemExit(f"unknown family {family}")
+
+
+def _onnx_accuracy(path: Path, bench: Bench) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    preds = np.concatenate([session.run(None, {name: bench.inputs[i : i + 1000].numpy()})[0].argmax(1)
+                            for i in range(0, len(bench.inputs), 1000)])
+    return float((torch.from_numpy(preds) == bench.labels).float().mean())
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = [f for f in dict.fromkeys(r["family"] for r in rows)
+               if f != "clean" and all(isinstance(r["strength"], (int, float)) for r in rows if r["family"] == f)]
+    cols = 4
+    n_rows = (len(numeric) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
+    for ax, fam in zip(axes.flat, numeric, strict=False):
+        rs = [r for r in rows if r["family"] == fam]
+        x = [r["strength"] for r in rs]
+        ax.plot(x, [np.nan if r["ber"] is None else r["ber"] for r in rs], "o-", color="tab:red",
+                label="bit error rate")
+        ax.plot(x, [1.0 if r["identified"] else 0.0 for r in rs], "s--", color="tab:green", label="buyer named")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(fam)
+        ax.set_xlabel("strength")
+        ax2 = ax.twinx()
+        ax2.plot(x, [r["accuracy"] for r in rs], "^:", color="tab:blue", label="attacker's accuracy")
+        ax2.set_ylim(0, 1)
+        if ax is axes.flat[0]:
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center left")
+    for ax in list(axes.flat)[len(numeric):]:
+        ax.axis("off")
+    fig.suptitle("wmtrace robustness on the example master: BER before correction, buyer named (1/0), accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table for BENCHMARKS.md."""
+    out = ["| attack | strength | verdict | right buyer | wrong buyer | BER (trimmed mean) | BER (plain mean) "
+           "| BER vs nearest other buyer | bits missing | attacker's accuracy |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def f(v) -> str:
+        return "-" if v is None or v != v else f"{v:.3f}"
+
+    for r in rows:
+        out.append(f"| {r['family']} | {r['strength']} | {r['verdict']} | {'yes' if r['identified'] else 'no'} "
+                   f"| {'YES' if r['wrong_buyer'] else 'no'} | {f(r['ber'])} | {f(r['ber_plain_mean'])} "
+                   f"| {f(r['ber_nearest_other_buyer'])} | {r['bits_missing']} | {r['accuracy']:.2%} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--registry", type=Path, help="registry with the example master (reused; else a temporary one)")
+    ap.add_argument("--families", default=",".join(["clean", *FAMILIES]))
+    ap.add_argument("--quick", action="store_true", help="fewer strengths for the training attacks")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--from-json", action="store_true", help="only redraw the plot and table from robustness.json")
+    ap.add_argument("--epochs", help="fine-tuning snapshots, e.g. 0.25,0.5,1")
+    ap.add_argument("--overwrite-steps", help="e.g. 50,100,300")
+    ap.add_argument("--shifts", help="weight-shifting strengths, e.g. 1,3")
+    ap.add_argument("--shift-steps", type=int)
+    args = ap.parse_args()
+    global EPOCHS, OVERWRITE_STEPS, SHIFTS, SHIFT_STEPS
+    EPOCHS = [float(v) for v in args.epochs.split(",")] if args.epochs else EPOCHS
+    OVERWRITE_STEPS = [int(v) for v in args.overwrite_steps.split(",")] if args.overwrite_steps else OVERWRITE_STEPS
+    SHIFTS = [float(v) for v in args.shifts.split(",")] if args.shifts else SHIFTS
+    SHIFT_STEPS = args.shift_steps or SHIFT_STEPS
+    if args.from_json:
+        rows = json.loads((args.out / "robustness.json").read_text())["rows"]
+        plot(rows, args.out / "robustness.png")
+        (args.out / "robustness.md").write_text(markdown(rows))
+        return
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        reg = api.open_registry(args.registry or Path(tmp) / "registry", create=True)
+        m = api.ensure_example(reg)
+        buyers = [b for b in reg.buyers(m.name) if b.status == "issued"]
+        if len(buyers) < 3:
+            buyers += api.issue(reg, buyers=3 - len(buyers), out=Path(tmp) / "buyers")
+        bench = Bench(reg, buyers[0], buyers[1:3], Path(tmp))
+        for fam in args.families.split(","):
+            run(bench, fam, args.quick, Path(tmp))
+    rows = bench.rows
+    meta = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.python_version()}, "
+        f"torch {torch.__version__}, 1 thread", "master_accuracy": m.accuracy, "buyers_registered": 3,
+        "leaker": buyers[0].id, "trim": align.TRIM, "seconds": round(time.time() - t0, 1),
+        "wrong_buyer_total": sum(r["wrong_buyer"] for r in rows),
+    }
+    (args.out / "robustness.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(args.out / "robustness.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+    (args.out / "robustness.md").write_text(markdown(rows))
+    try:
+        plot(rows, args.out / "robustness.png")
+    except ImportError:
+        print("matplotlib missing (pip install -e '.[report]'): no plot written")
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()
