@@ -63,18 +63,20 @@ def main() -> None:
             path = Path(tmp) / f"pruned-{amount}.safetensors"
             formats.save_safetensors(pruned, path)
             r = api.trace(path, reg)
+            named = {r.buyer["id"]} if r.buyer else {c["id"] for c in r.colluders}
             pm = example.build()
             pm.load_state_dict(pruned)
             sweep.append({
                 "pruned": amount,
                 "verdict": r.verdict,
-                "correct": bool(r.buyer and r.buyer["id"] == b.id),
+                "correct": named == {b.id},  # by decoding, or by score alone when too weak to decode
+                "named": sorted(named),
                 "bit_errors": r.bit_errors,
                 "bits_missing": r.bits_missing,
                 "accuracy": fidelity.evaluate(pm, inputs, labels),
             })
         highest = max((s["pruned"] for s in sweep if s["correct"]), default=None)
-        wrong = [s for s in sweep if s["verdict"] == "identified" and not s["correct"]]
+        wrong = [s for s in sweep if set(s["named"]) - {b.id}]
 
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
