@@ -92,3 +92,21 @@ def test_activation_placement_changes_outputs_less_than_minimal_norm(master_file
         marked = example.build()
         marked.load_state_dict(placed)
         assert embed.min_margin(marked, model, carriers, xs, margins, bits) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_placement_metric_is_stored_with_the_master_and_matches_the_data(issued):
+    from wmtrace import api
+    from wmtrace.trace import load_moments, moments_file
+
+    root, _ = issued
+    with api.open_registry(root / "registry") as reg:
+        m = reg.master("small")
+        stored = load_moments(m)
+        assert moments_file(m.weights).exists()
+        carriers = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
+        train = api._tensors(api._dataset(m.data, "train"), embed.EmbedConfig.moment_samples)[0]
+        again = embed.input_moments(api.build_model(m), carriers, train, embed.EmbedConfig.ridge)
+    assert set(stored) == {c.name for c in carriers}
+    for c, mt in zip(carriers, again, strict=True):
+        assert stored[c.name].shape == (c.dim, c.dim)
+        assert np.allclose(stored[c.name], mt, rtol=1e-6, atol=1e-9)

@@ -27,8 +27,8 @@ from . import carriers as carriers_mod
 from . import codes, embed, fidelity, formats, keys
 from .errors import BadInput
 from .registry import Buyer, Master, Registry
+from .trace import load_moments, moments_file, trace_tensors
 from .trace import trace as _trace
-from .trace import trace_tensors
 
 EXAMPLE_MASTER = "fashion-cnn"
 EXAMPLE_FACTORY = "wmtrace.example:build"
@@ -173,16 +173,28 @@ def init(
         "embed": {**asdict(embed.EmbedConfig()), "strength": strength, "steps": steps, "placement": placement},
         "eval_samples": eval_samples,
     }
+    # The placement metric is fixed per master: issuing places marks with it, and tracing needs it to
+    # recover a mark from the dimensions a structurally pruned copy has left.
+    moments: dict[str, torch.Tensor] = {}
+    train = _dataset(data, "train") if placement == "activation" else None
+    if train is not None:
+        cfg = embed.EmbedConfig()
+        found = embed.input_moments(model, chosen, _tensors(train, cfg.moment_samples)[0], cfg.ridge)
+        moments = {c.name: torch.from_numpy(mt) for c, mt in zip(chosen, found, strict=True) if mt is not None}
     dest = reg.root / "masters" / f"{name}.safetensors"
+    moments_path = moments_file(dest)
     formats.save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, dest)
     key = keys.generate()
     try:
+        if moments:
+            formats.save_safetensors(moments, moments_path)
         keys.write(reg.key_path(name), key)
         m = Master(name, dest, sha256_file(dest), factory, data, config, keys.fingerprint(key), accuracy)
         reg.add_master(m)
     except BaseException:
         reg.key_path(name).unlink(missing_ok=True)
         dest.unlink(missing_ok=True)
+        moments_path.unlink(missing_ok=True)
         raise
     return m
 
@@ -261,9 +273,12 @@ def issue(
     test = _dataset(m.data, "test") if limit != 0 else None
     held_out = _tensors(test, limit) if test is not None else None
     master_predictions = fidelity.predictions(model_master, held_out[0]) if held_out is not None else None
-    metrics = [None] * len(carriers)  # once per run: what the carriers see on real inputs
+    metrics = [None] * len(carriers)  # what the carriers see on real inputs: stored at init
     if cfg.placement == "activation":
-        metrics = embed.input_moments(model_master, carriers, _tensors(train, cfg.moment_samples)[0], cfg.ridge)
+        stored = load_moments(m)
+        metrics = [stored.get(c.name) for c in carriers]
+        if not stored:  # registered before the metric was stored with the master
+            metrics = embed.input_moments(model_master, carriers, _tensors(train, cfg.moment_samples)[0], cfg.ridge)
     maps = [carriers_mod.embedding_map(x, mt) for x, mt in zip(projections, metrics, strict=True)]
 
     reserved = reg.reserve(m.name, wanted)

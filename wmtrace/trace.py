@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -63,14 +64,33 @@ def master_arrays(m: Master) -> dict[str, np.ndarray]:
         raise BadInput(f"{m.weights}: registered weights of master {m.name!r} are unreadable ({e})") from e
 
 
-def soft_bits(found: Located, master_weight: np.ndarray, x: np.ndarray, margin: float) -> np.ndarray:
+def moments_file(weights: str | os.PathLike) -> Path:
+    """Where a registered master's placement metric lives, beside its weights."""
+    weights = Path(weights)
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".moments.safetensors")
+
+
+def load_moments(m: Master) -> dict[str, np.ndarray]:
+    """The master's stored placement metric per carrier name; empty when none was stored."""
+    path = moments_file(m.weights)
+    if not path.exists():
+        return {}
+    try:
+        return {k: v.astype(np.float64) for k, v in load_file(str(path)).items()}
+    except Exception as e:
+        raise BadInput(f"{path}: stored placement metric of master {m.name!r} is unreadable ({e})") from e
+
+
+def soft_bits(
+    found: Located, master_weight: np.ndarray, x: np.ndarray, margin: float, metric: np.ndarray | None = None
+) -> np.ndarray:
     """Projections of the aligned filter-mean difference, in margins; NaN when nothing is left.
 
     The difference is a trimmed mean over filters (the mark moves every filter alike). Where whole
     dimensions of the statistic are gone (input channels removed by structured pruning, or every
     weight of a position pruned), the mark is recovered from the rest: issuing moved the statistic
-    by a combination of the key's rows (the minimal-norm solution), so its coefficients are a least
-    squares fit on the dimensions left, and the projections follow from them.
+    by a combination of the columns of metric^-1 x' (x' alone for minimal-norm placement), so its
+    coefficients are a least squares fit on the dimensions left, and the projections follow.
     """
     ref = master_weight.reshape(found.carrier.rows, -1).astype(np.float64)
     delta = robust_mean_rows(found.weight - ref)
@@ -80,14 +100,20 @@ def soft_bits(found: Located, master_weight: np.ndarray, x: np.ndarray, margin: 
         return np.full(x.shape[0], np.nan)
     if known.all() or known.sum() < RECOVER_DIMS_PER_BIT * x.shape[0]:
         return (x[:, known] @ delta[known]) / scale
-    xk = x[:, known]
-    ridge = RIDGE * xk.shape[1] * np.eye(xk.shape[0])
-    alpha = np.linalg.solve(xk @ xk.T + ridge, xk @ delta[known])
-    return (x @ x.T @ alpha) / scale
+    basis = x.T if metric is None else np.linalg.solve(metric, x.T)  # dim x bits
+    bk = basis[known]
+    gram = bk.T @ bk
+    ridge = RIDGE * np.trace(gram) / gram.shape[0] * np.eye(gram.shape[0])
+    alpha = np.linalg.solve(gram + ridge, bk.T @ delta[known])
+    return (x @ basis @ alpha) / scale
 
 
 def extract(
-    found: list[Located | None], master: dict[str, np.ndarray], key: bytes, config: dict
+    found: list[Located | None],
+    master: dict[str, np.ndarray],
+    key: bytes,
+    config: dict,
+    metrics: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     spec = codes.CodeSpec(**config["code"])
     soft = np.full(spec.bits, np.nan)
@@ -95,7 +121,8 @@ def extract(
         if loc is None:
             continue
         c = loc.carrier
-        soft[c.start : c.start + c.bits] = soft_bits(loc, master[c.name], c.projection(key), cfg["margin"])
+        metric = (metrics or {}).get(c.name)
+        soft[c.start : c.start + c.bits] = soft_bits(loc, master[c.name], c.projection(key), cfg["margin"], metric)
     return soft
 
 
@@ -155,7 +182,7 @@ def _trace_master(
         {"carrier": f.carrier.name, "found_as": f.source, "similarity": round(f.similarity, 4)} for f in located
     ]
     key = registry.key(m.name)
-    soft = extract(found, arrays, key, m.config)
+    soft = extract(found, arrays, key, m.config, load_moments(m))
     spec = codes.CodeSpec(**m.config["code"])
     missing = int(np.count_nonzero(np.isnan(soft)))
     result = TraceResult(NO_WATERMARK, file, master=m.name, bits=spec.bits, bits_missing=missing, carriers=summary)
