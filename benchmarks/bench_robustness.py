@@ -80,10 +80,11 @@ class Bench:
             accuracy = fidelity.evaluate(model, self.inputs, self.labels)
         ber, missing, ber_other = self.ber(tensors, align.TRIM)
         ber_mean, _, _ = self.ber(tensors, 0.0)
-        named = result.buyer["id"] if result.buyer else None
+        # Named by decoding, or by score alone (a mark too weak to decode, or merged copies).
+        named = {result.buyer["id"]} if result.buyer else {c["id"] for c in result.colluders}
         row = {
-            "family": family, "strength": strength, "verdict": result.verdict,
-            "identified": named == self.leaker.id, "wrong_buyer": named is not None and named != self.leaker.id,
+            "family": family, "strength": strength, "verdict": result.verdict, "named": sorted(named),
+            "identified": self.leaker.id in named and len(named) == 1, "wrong_buyer": bool(named - {self.leaker.id}),
             "ber": round(ber, 4), "ber_plain_mean": round(ber_mean, 4), "ber_nearest_other_buyer": round(ber_other, 4),
             "bits_missing": missing,
             "symbol_errors": result.symbol_errors, "erasures": result.erasures,
