@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,20 +25,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from wmtrace import accuse, api, attacks, codes, example, fidelity
-from wmtrace.align import locate
-from wmtrace.carriers import Carrier
-from wmtrace.data import load_fashion_mnist
-from wmtrace.trace import extract, master_arrays, trace_tensors
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_trace import timed  # noqa: E402
 
-
-def best_of(fn, repeat: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from wmtrace import accuse, api, attacks, codes, example, fidelity  # noqa: E402
+from wmtrace.align import locate  # noqa: E402
+from wmtrace.carriers import Carrier  # noqa: E402
+from wmtrace.data import load_fashion_mnist  # noqa: E402
+from wmtrace.trace import extract, master_arrays, trace_tensors  # noqa: E402
 
 
 def speed(n: int = 100_000) -> dict:
@@ -48,8 +43,8 @@ def speed(n: int = 100_000) -> dict:
     t_words = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     soft = np.unpackbits(words[[5, 77, 901]], axis=1).mean(0) * 2 - 1 + 0.3 * rng.normal(size=spec.bits)
-    t_scores = best_of(lambda: accuse.scores(soft, words, spec))
-    t_accuse = best_of(lambda: accuse.accuse(soft, words, spec))
+    t_scores = timed(lambda: accuse.scores(soft, words, spec), 5)
+    t_accuse = timed(lambda: accuse.accuse(soft, words, spec), 5)
     return {"buyers": n, "codewords_s": t_words, "scores_s": t_scores, "accuse_s": t_accuse,
             "accused": [int(a.index) for a in accuse.accuse(soft, words, spec)]}
 

@@ -112,7 +112,3 @@ def embedding_map(x: np.ndarray, metric: np.ndarray | None = None) -> np.ndarray
     inv_xt = x.T if metric is None else np.linalg.solve(metric, x.T)
     return inv_xt @ np.linalg.inv(x @ inv_xt)
 
-
-def direction(x: np.ndarray, signs: np.ndarray, metric: np.ndarray | None = None) -> np.ndarray:
-    """Change d of the statistic with x @ d / sqrt(dim) = signs: every bit at the same margin."""
-    return embedding_map(x, metric) @ (signs.astype(np.float64) * math.sqrt(x.shape[1]))
