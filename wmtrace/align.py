@@ -200,6 +200,24 @@ def _rescale(a: np.ndarray, master: np.ndarray, iters: int = 5) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
+def _same_place(
+    tensors: dict[str, np.ndarray], c: Carrier, ref: np.ndarray, taken: set[str]
+) -> tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The tensor that still has the carrier's name and shape, filters in the master's order, with its
+    mean |cosine| to the master's filters. Names are not trusted: this only spares the search over
+    every same-shaped tensor (dozens in a transformer) when the match is unmistakable."""
+    t = None if c.name in taken else tensors.get(c.name)
+    if t is None or tuple(t.shape) != tuple(c.shape):
+        return None
+    view = t.astype(np.float64).reshape(ref.shape)
+    a, b = view.reshape(len(view), -1), ref.reshape(len(ref), -1)
+    b = np.where(a != 0, b, 0.0)  # pruned weights say nothing
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    score = float(np.mean(np.abs(np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), 0.0))))
+    identity = np.arange(len(view)), np.arange(view.shape[1])
+    return score, c.name, view, *identity
+
+
 def locate(
     tensors: dict[str, np.ndarray], master: dict[str, np.ndarray], carriers: list[Carrier]
 ) -> list[Located | None]:
@@ -208,8 +226,10 @@ def locate(
     taken: set[str] = set()
     for c in carriers:
         ref = master[c.name].astype(np.float64).reshape(c.shape[0], c.shape[1], -1)
-        best: tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None = None
+        best: tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None = _same_place(tensors, c, ref, taken)
         for name, t in tensors.items():
+            if best is not None and best[0] > IDENTITY_SCORE:
+                break  # the tensor of the carrier's name, in the carrier's order: no search needed
             if name in taken:
                 continue
             for view in _views(t, c):

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from . import batches, codes, embed, fidelity, formats, keys
 from . import carriers as carriers_mod
-from . import codes, embed, fidelity, formats, keys
 from .errors import BadInput
 from .registry import Buyer, Master, Registry
 from .trace import load_moments, moments_file, trace_tensors
@@ -34,6 +34,8 @@ EXAMPLE_MASTER = "fashion-cnn"
 EXAMPLE_FACTORY = "wmtrace.example:build"
 EXAMPLE_DATA = "wmtrace.example:dataset"
 PLACEMENTS = ("activation", "minimal-norm")
+# Training inputs on which candidate carrier layers are ranked by what a mark there costs.
+COST_SAMPLES = 64
 
 # (buyers done, buyer count, repair step, repair steps, smallest bit margin) -> None; called during
 # repair and once after each buyer is issued (then with the buyer's final margin).
@@ -63,19 +65,36 @@ def import_object(spec: str) -> Callable:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of a sharded folder's files in name order (names included)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
+    """Load `state` into `model`; every floating-point tensor of the model must be there. Returns the
+    names of tensors the model lacks (extra heads, adapters, unused poolers): kept, never marked."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:
+        raise BadInput(f"{what} ({formats._line(e)})") from e
+    own = model.state_dict()
+    missing = [k for k in missing if own[k].is_floating_point()]  # integer counters are not weights
+    if missing:
+        raise BadInput(f"{what} (missing {missing[0]!r})")
+    return list(unexpected)
 
 
 def build_model(m: Master) -> nn.Module:
     model = import_object(m.factory)()
-    try:
-        model.load_state_dict(load_file(str(m.weights)), strict=True)
-    except Exception as e:
-        raise BadInput(f"master {m.name!r}: weights do not fit {m.factory} ({e})") from e
+    _load_into(model, load_file(str(m.weights)), f"master {m.name!r}: weights do not fit {m.factory}")
     return model.eval()
 
 
@@ -88,21 +107,24 @@ def _dataset(spec: str | None, split: str) -> Dataset | None:
     return ds
 
 
-def _tensors(ds: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Held-out data as tensors: inputs and labels (None when the data set has none)."""
+def _tensors(ds: Dataset, limit: int | None = None) -> tuple[batches.Inputs, torch.Tensor | None]:
+    """Held-out data in memory: inputs (a tensor, or a dict of tensors) and labels (None without)."""
     if isinstance(ds, TensorDataset):
         ts = [t[:limit] for t in ds.tensors]
-    else:
-        xs, ys = [], []
-        for batch in DataLoader(ds, batch_size=512):
-            x, y = embed.split_batch(batch)
-            xs.append(x)
-            if y is not None:
-                ys.append(y)
-            if limit is not None and sum(len(a) for a in xs) >= limit:
-                break
-        ts = [torch.cat(xs)[:limit]] + ([torch.cat(ys)[:limit]] if ys else [])
-    return ts[0], (ts[1] if len(ts) > 1 else None)
+        return ts[0], (ts[1] if len(ts) > 1 else None)
+    xs, ys, n = [], [], 0
+    for batch in DataLoader(ds, batch_size=512):
+        x, y = batches.split(batch)
+        xs.append(x)
+        if y is not None:
+            ys.append(y)
+        n += batches.size(x)
+        if limit is not None and n >= limit:
+            break
+    if not xs:
+        raise BadInput("the data set is empty")
+    inputs = batches.take(batches.concat(xs), slice(0, limit))
+    return inputs, (torch.cat(ys)[:limit] if ys else None)
 
 
 def _batches(ds: Dataset, batch_size: int, seed: int) -> Iterator:
@@ -120,13 +142,21 @@ def init(
     data: str | None = None,
     carriers: list[str] | None = None,
     bits: int = 256,
-    layers: int = 2,
+    layers: int | None = None,
     strength: float = embed.EmbedConfig.strength,
     steps: int = embed.EmbedConfig.steps,
     eval_samples: int | None = None,
     placement: str = embed.EmbedConfig.placement,
+    output: str = embed.EmbedConfig.output,
+    loss: str | None = None,
 ) -> Master:
-    """Register a master: copy its weights into the registry, choose carriers, create its key."""
+    """Register a master: copy its weights into the registry, choose carriers, create its key.
+
+    `weights` may be a safetensors file, a sharded folder or index, an fp16/bf16 file or a plain
+    checkpoint; tensors the model lacks (extra heads, adapters) are kept and copied to buyers
+    unmarked. `output` says what the model returns ("logits" or "embedding"), which decides how
+    fidelity is measured and repaired; `loss` (module:function(output, master_output)) overrides it.
+    """
     if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith("."):
         raise BadInput(f"master name {name!r}: use letters, digits, '-', '_' and '.'")
     if any(m.name == name for m in reg.masters()):
@@ -134,8 +164,14 @@ def init(
     spec = codes.CodeSpec(symbols=bits // 8)
     if placement not in PLACEMENTS:
         raise BadInput(f"placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
+    if output not in embed.OUTPUTS:
+        raise BadInput(f"output {output!r}: use one of {', '.join(embed.OUTPUTS)}")
+    if loss is not None:
+        import_object(loss)
     if steps < 0:
         raise BadInput("repair steps must be 0 or more")
+    if layers is not None and layers < 1:
+        raise BadInput("--layers must be at least 1")
     if bits % 8 or bits < 72:
         raise BadInput(f"--bits {bits}: use a multiple of 8, at least 72")
     try:
@@ -143,24 +179,42 @@ def init(
     except ValueError as e:
         raise BadInput(str(e)) from e
     arrays = formats.load_tensors(weights)
+    dtypes = formats.float_dtypes(weights)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    chosen = carriers_mod.select(state, spec.bits, carriers, count=layers)
 
     # The model must build and accept the weights before anything is written.
     model = import_object(factory)()
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except Exception as e:
-        raise BadInput(f"{weights}: weights do not fit the model built by {factory} ({e})") from e
-    buffers = model.state_dict()
-    missing = [k for k in missing if buffers[k].is_floating_point()]  # integer counters are not weights
-    if missing or unexpected:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise BadInput(f"{weights}: weights do not fit the model built by {factory} ({what})")
+    extras = _load_into(model, state, f"{weights}: weights do not fit the model built by {factory}")
     model.eval()
-    accuracy = None
+    train = _dataset(data, "train")
     test = _dataset(data, "test")
-    if test is not None:
+    data_set = train if train is not None else test
+    probe = _tensors(data_set, COST_SAMPLES)[0] if data_set is not None else None  # a few real inputs
+    sample = batches.take(probe, slice(0, 8)) if probe is not None else None
+    try:
+        used = carriers_mod.used_weights(model, sample) if sample is not None else list(model.state_dict())
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise BadInput(f"{factory} does not run on the data of {data} ({formats._line(e)})") from e
+    cfg = embed.EmbedConfig(strength=strength, steps=steps, placement=placement, output=output, loss=loss)
+    moment_inputs = None
+    if train is not None and placement == "activation":
+        moment_inputs = _tensors(train, cfg.moment_samples)[0]
+    found: dict[str, np.ndarray | None] = {}
+
+    def metrics(cands: list[carriers_mod.Carrier]) -> list[np.ndarray | None]:
+        todo = [c for c in cands if c.name not in found]
+        if todo and moment_inputs is not None:
+            computed = embed.input_moments(model, todo, moment_inputs, cfg.ridge)
+            found.update(zip([c.name for c in todo], computed, strict=True))
+        return [found.get(c.name) for c in cands]
+
+    def cost(cands: list[carriers_mod.Carrier]) -> list[float]:
+        return embed.distortion(model, cands, metrics(cands), strength, probe, cfg)
+
+    chosen = carriers_mod.select(state, spec.bits, carriers, count=layers, allowed=used,
+                                 cost=cost if probe is not None else None)
+    accuracy = None
+    if test is not None and output == "logits":
         inputs, labels = _tensors(test, eval_samples)
         if labels is not None:
             accuracy = fidelity.evaluate(model, inputs, labels)
@@ -170,20 +224,20 @@ def init(
         "carriers": [
             {**c.to_dict(), "margin": embed.margin(state[c.name], c, strength)} for c in chosen
         ],
-        "embed": {**asdict(embed.EmbedConfig()), "strength": strength, "steps": steps, "placement": placement},
+        "embed": asdict(cfg),
         "eval_samples": eval_samples,
+        # Copies are written in the dtypes and shard count the master came in (fp16/bf16 stay half
+        # size; a sharded Hugging Face folder gives sharded folders).
+        "dtypes": {k: v for k, v in dtypes.items() if v != "float32"},
+        "shards": len(formats.safetensors_files(Path(weights))) or 1,
     }
     # The placement metric is fixed per master: issuing places marks with it, and tracing needs it to
     # recover a mark from the dimensions a structurally pruned copy has left.
-    moments: dict[str, torch.Tensor] = {}
-    train = _dataset(data, "train") if placement == "activation" else None
-    if train is not None:
-        cfg = embed.EmbedConfig()
-        found = embed.input_moments(model, chosen, _tensors(train, cfg.moment_samples)[0], cfg.ridge)
-        moments = {c.name: torch.from_numpy(mt) for c, mt in zip(chosen, found, strict=True) if mt is not None}
+    moments = {c.name: torch.from_numpy(mt) for c, mt in zip(chosen, metrics(chosen), strict=True) if mt is not None}
     dest = reg.root / "masters" / f"{name}.safetensors"
     moments_path = moments_file(dest)
-    formats.save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, dest)
+    registered = {k: state[k] for k in extras} | {k: v.contiguous() for k, v in model.state_dict().items()}
+    formats.save_safetensors(registered, dest)
     key = keys.generate()
     try:
         if moments:
@@ -257,6 +311,10 @@ def issue(
     key = reg.key(m.name)
     model_master = build_model(m)
     state_master = {k: v.clone() for k, v in model_master.state_dict().items()}
+    # Tensors of the master file that the model lacks (heads, adapters): copied to buyers as they are.
+    extras = {k: v for k, v in load_file(str(m.weights)).items() if k not in state_master}
+    dtypes = {k: getattr(torch, v) for k, v in m.config.get("dtypes", {}).items()}
+    shards = int(m.config.get("shards", 1))
     cfg = embed.EmbedConfig(**m.config["embed"])
     if cfg.placement not in PLACEMENTS:
         raise BadInput(f"master {m.name!r}: unknown placement {cfg.placement!r} (activation, minimal-norm)")
@@ -265,17 +323,17 @@ def issue(
     projections = [c.projection(key) for c in carriers]
     spec = codes.CodeSpec(**m.config["code"])
     train = _dataset(m.data, "train")
-    if train is None:
+    stored = load_moments(m) if cfg.placement == "activation" else {}
+    if train is None and (cfg.steps > 0 or (cfg.placement == "activation" and not stored)):
         raise BadInput(f"master {m.name!r} has no data entry point to fine-tune on")
     if eval_samples is not None and eval_samples < 0:
         raise BadInput("--eval-samples must be 0 or more")
     limit = m.config.get("eval_samples") if eval_samples is None else eval_samples
     test = _dataset(m.data, "test") if limit != 0 else None
     held_out = _tensors(test, limit) if test is not None else None
-    master_predictions = fidelity.predictions(model_master, held_out[0]) if held_out is not None else None
+    master_out = fidelity.outputs(model_master, held_out[0]) if held_out is not None else None
     metrics = [None] * len(carriers)  # what the carriers see on real inputs: stored at init
     if cfg.placement == "activation":
-        stored = load_moments(m)
         metrics = [stored.get(c.name) for c in carriers]
         if not stored:  # registered before the metric was stored with the master
             metrics = embed.input_moments(model_master, carriers, _tensors(train, cfg.moment_samples)[0], cfg.ridge)
@@ -289,25 +347,27 @@ def issue(
             state = {k: v.clone() for k, v in state_master.items()}
             embed.place(state, carriers, projections, margins, bits, maps=maps)
             model = import_object(m.factory)()
-            model.load_state_dict(state)
+            model.load_state_dict(state, strict=False)
             if cfg.steps > 0:
                 step_cb = (lambda s, h, i=i: progress(i, len(reserved), s, cfg.steps, h)) if progress else None
-                batches = _batches(train, cfg.batch_size, seed=(seed if seed is not None else b.id))
-                b.margin = embed.repair(
-                    model, model_master, batches, carriers, projections, margins, bits, cfg, step_cb
-                )
-            else:
-                b.margin = embed.min_margin(model, model_master, carriers, projections, margins, bits)
+                data = _batches(train, cfg.batch_size, seed=(seed if seed is not None else b.id))
+                embed.repair(model, model_master, data, carriers, projections, margins, bits, cfg, step_cb)
             model.eval()
-            final = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            final = extras | {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            final = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in final.items()}
+            # Margin, self-check and fidelity of the copy as written (after any rounding to fp16/bf16).
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in final.items()},
+                                  strict=False)
+            b.margin = embed.min_margin(model, model_master, carriers, projections, margins, bits)
             _verify(reg, m, b, final)
             if held_out is not None:
-                inputs, labels = held_out
-                ours = fidelity.predictions(model, inputs)
-                b.agreement = float((ours == master_predictions).float().mean())
-                b.accuracy = float((ours == labels).float().mean()) if labels is not None else None
-            path = out / f"{b.name}.safetensors"
-            formats.save_safetensors(final, path)
+                _measure(b, fidelity.outputs(model, held_out[0]), master_out, held_out[1], cfg.output)
+            if shards > 1:
+                path = out / b.name
+                formats.save_sharded(final, path, shards)
+            else:
+                path = out / f"{b.name}.safetensors"
+                formats.save_safetensors(final, path)
             b.file, b.sha256, b.status = str(path.resolve()), sha256_file(path), "issued"
             b.codeword = np.packbits(bits).tobytes().hex()
             reg.complete(b)
@@ -320,9 +380,20 @@ def issue(
     return done
 
 
+def _measure(b: Buyer, ours: torch.Tensor, master: torch.Tensor, labels: torch.Tensor | None, output: str) -> None:
+    """Fidelity of a copy: classifiers top-1 agreement (and accuracy with labels); encoders mean
+    cosine similarity and top-1 nearest-neighbour retrieval agreement (stored as agreement)."""
+    if output == "embedding":
+        b.cosine, b.agreement = fidelity.embedding_fidelity(ours, master)
+        return
+    predicted = ours.argmax(1)
+    b.agreement = float((predicted == master.argmax(1)).float().mean())
+    b.accuracy = float((predicted == labels).float().mean()) if labels is not None else None
+
+
 def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor]) -> None:
     """Trace the copy before it leaves: a copy that would not name its buyer is never issued."""
-    arrays = {k: v.numpy() for k, v in state.items()}
+    arrays = {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
     result = trace_tensors(arrays, reg, master=m.name, pending=[b])
     if result.verdict != "identified" or result.buyer is None or result.buyer["id"] != b.id:
         raise BadInput(f"buyer {b.name!r}: the embedded mark did not verify ({result.reason or result.verdict})")

@@ -363,6 +363,26 @@ def noise(state: State, strength: float, seed: int = 0) -> State:
     return out
 
 
+def center(state: State, layers: list[str]) -> State:
+    """Subtract the mean row from each named Linear weight (and the mean from its bias).
+
+    Function-preserving where the layer's outputs go (through a residual sum) into a LayerNorm, as
+    every transformer block's output projections do: the same value added to every output is what
+    LayerNorm subtracts. A mark living in the mean over rows of such a layer is wiped at no cost,
+    which is why carrier selection leaves these layers out (`carriers.used_weights`).
+    """
+    out = _copy(state)
+    for name in layers:
+        w = state.get(name)
+        if w is None or w.dim() != 2:
+            raise BadInput(f"center: {name!r} is not a Linear weight of this model")
+        out[name] = w - w.mean(0, keepdim=True)
+        bias = name.removesuffix("weight") + "bias"
+        if bias in state:
+            out[bias] = state[bias] - state[bias].mean()
+    return out
+
+
 # --- attacks that train ----------------------------------------------------------------------------
 
 

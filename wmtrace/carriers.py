@@ -9,6 +9,7 @@ any model not derived from a buyer copy are then fair coins, whatever that model
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -49,35 +50,119 @@ class Carrier:
         return keys.projection(key, f"carrier/{self.start}/{self.bits}/{self.dim}", self.bits, self.dim)
 
 
+# A statistic averages this many rows at least: a classifier head's few rows average too little, and
+# moving every row of a head alike shifts every logit alike, which a leaker could undo for free.
+MIN_ROWS = 32
+# Automatic carrier count: one per this many eligible layers, within these bounds. Two for the
+# example CNN; several for a transformer, so that a layer lost whole costs few Reed-Solomon symbols.
+LAYERS_PER_CARRIER = 4
+MIN_LAYERS, MAX_LAYERS = 2, 8
+SHIFT_VISIBLE = 1e-3
+SKIP_NAMES = ("embed", "wte", "wpe", "lm_head", "shared.weight")  # token tables, tied output heads
+
+
 def _eligible(name: str, t: torch.Tensor) -> bool:
-    # Conv filters with more than one input channel (the first conv sees raw pixels and is small),
-    # or Linear weights; never embeddings or normalisation parameters (1-D).
-    if not t.is_floating_point():
+    """Conv filters with more than one input channel (the first conv sees raw pixels and is small),
+    or Linear weights with enough rows; never embeddings or normalisation parameters (1-D)."""
+    if not t.is_floating_point() or t.dim() < 2 or t.shape[0] < MIN_ROWS:
         return False
-    if t.dim() == 4:
-        return t.shape[1] > 3 or t.shape[1] * t.shape[2] * t.shape[3] >= 64
-    return False
+    if any(s in name.lower() for s in SKIP_NAMES):
+        return False
+    if t.dim() == 2:
+        return t.shape[1] >= 64
+    return t.shape[1] > 3 or math.prod(t.shape[1:]) >= 64
+
+
+def used_weights(model: torch.nn.Module, sample) -> list[str]:
+    """Weights of plain Linear and Conv layers that the model's output depends on, in module order.
+
+    Found by one backward pass on a few real inputs: a layer the forward never reaches (a pooler whose
+    output is dropped, an unused head) would carry a mark that a leaker can delete for free. So would
+    a layer whose outputs are normalised together (a Linear feeding a residual LayerNorm, as every
+    transformer block's output projections do): moving all its rows alike adds the same value to
+    every output, which the LayerNorm subtracts again, so the leaker could centre the rows without
+    changing the model. Grouped and depthwise convolutions are left out: their filters see different
+    input channels, so a mean over filters mixes unrelated weights.
+    """
+    from . import batches
+
+    layers = {
+        f"{n}.weight" if n else "weight": m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        or (isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) and m.groups == 1)
+    }
+    params = dict(model.named_parameters())
+    weights = {n: params[n] for n in layers if n in params}
+    was_training = model.training
+    model.eval()
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in weights)
+            p.grad = None
+        out = batches.call(model, sample).float()
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        (out * probe).sum().backward()
+        used = [n for n, p in weights.items() if p.grad is not None and _shift_visible(p.grad)]
+    finally:
+        for n, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(saved[n])
+        model.train(was_training)
+    return used
+
+
+def _shift_visible(grad: torch.Tensor) -> bool:
+    """Whether moving every row alike changes the output: the gradient of the shared shift (the sum
+    of the rows' gradients) is not negligible next to the gradient itself (~1e-7 when invisible)."""
+    total = float(grad.norm())
+    return total > 0 and float(grad.reshape(grad.shape[0], -1).sum(0).norm()) > SHIFT_VISIBLE * total
 
 
 def select(
-    state: dict[str, torch.Tensor], total_bits: int, names: list[str] | None = None, count: int = 2
+    state: dict[str, torch.Tensor],
+    total_bits: int,
+    names: list[str] | None = None,
+    count: int | None = None,
+    allowed: list[str] | None = None,
+    cost: Callable[[list[Carrier]], list[float]] | None = None,
 ) -> list[Carrier]:
-    """Carriers spread over `count` layers, the largest statistics first; bits split in whole bytes
-    so a layer lost whole costs whole Reed-Solomon symbols."""
+    """Carriers among the eligible layers (in `allowed`'s order when given: the layers the output
+    depends on) whose statistic is large enough: the `count` whose mark `cost` says changes the
+    model least, else spread evenly over the depth. Bits are split in whole bytes so a layer lost
+    whole costs whole Reed-Solomon symbols."""
+    symbols = total_bits // 8
     if names:
         missing = [n for n in names if n not in state]
         if missing:
             raise BadInput(f"carrier layer {missing[0]!r} is not in the master's weights")
         chosen = list(names)
     else:
-        eligible = [(n, t) for n, t in state.items() if _eligible(n, t)]
-        eligible.sort(key=lambda nt: math.prod(nt[1].shape[1:]), reverse=True)
-        chosen = [n for n, _ in eligible[:count]]
-        if not chosen:
-            raise BadInput("no convolution layer in the master can carry a watermark; name carriers")
-        order = list(state)
-        chosen.sort(key=order.index)
-    symbols = total_bits // 8
+        order = [n for n in (allowed if allowed is not None else state) if n in state]
+        eligible = [n for n in order if _eligible(n, state[n])]
+        if count is None:
+            count = min(MAX_LAYERS, max(MIN_LAYERS, len(eligible) // LAYERS_PER_CARRIER))
+        count = max(1, min(count, symbols))
+        while True:  # more, smaller shares of the bits until enough layers are large enough to hold one
+            need = 8 * math.ceil(symbols / count) * MIN_DIMS_PER_BIT
+            big = [n for n in eligible if math.prod(state[n].shape[1:]) >= need]
+            if len(big) >= count or count >= min(symbols, len(eligible)):
+                break
+            count += 1
+        if len(big) < count:
+            raise BadInput(
+                "no Linear or convolution layers in the master can carry the watermark's bits; "
+                "name carriers with --carrier or use fewer --bits"
+            )
+        if cost is not None and len(big) > count:
+            bits = 8 * math.ceil(symbols / count)
+            costs = cost([Carrier(n, tuple(state[n].shape), 0, bits) for n in big])
+            cheapest = set(np.argsort(costs, kind="stable")[:count].tolist())
+            chosen = [n for i, n in enumerate(big) if i in cheapest]
+        else:
+            picks = np.linspace(0, len(big) - 1, count).round().astype(int)
+            chosen = [big[i] for i in picks]
     per, extra = divmod(symbols, len(chosen))
     carriers, start = [], 0
     for i, name in enumerate(chosen):

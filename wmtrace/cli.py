@@ -97,17 +97,30 @@ def init(
     repair_steps: Annotated[
         int, typer.Option(help="Distillation steps after placement, per buyer (0: none, the measured best)")
     ] = 0,
+    output: Annotated[
+        str, typer.Option(help="What the model returns: logits (classifier) or embedding (encoder)")
+    ] = "logits",
+    loss: Annotated[
+        str | None, typer.Option(help="module:function(output, master_output) -> loss, for repair steps")
+    ] = None,
+    layers: Annotated[
+        int | None, typer.Option(help="Number of carrier layers [default: 2 to 8, by model size]")
+    ] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register a master model (with no --weights: the bundled Fashion-MNIST example, trained once)."""
+    """Register a master model (with no --weights: the bundled Fashion-MNIST example, trained once).
+
+    Weights may be a .safetensors file, a sharded Hugging Face folder or index, or a checkpoint.
+    --data may be unlabeled: issuing distils from the master's own outputs."""
     reg = api.open_registry(registry, create=True)
     if weights is None and name == api.EXAMPLE_MASTER and model == api.EXAMPLE_FACTORY:
         m = api.ensure_example(reg, progress=_training_progress() if not as_json else None)
     elif weights is None:
         _fail("--weights is required for a master other than the bundled example")
     else:
-        m = api.init(reg, name, weights, model, data, carriers or None, bits, steps=repair_steps, placement=placement)
+        m = api.init(reg, name, weights, model, data, carriers or None, bits, layers=layers, steps=repair_steps,
+                     placement=placement, output=output, loss=loss)
     info = {
         "master": m.name,
         "factory": m.factory,
@@ -187,15 +200,20 @@ def issue(
     with bar:
         issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress, eval_samples=eval_samples)
     rows = [
-        {"id": b.id, "name": b.name, "file": b.file, "agreement": b.agreement, "accuracy": b.accuracy}
+        {"id": b.id, "name": b.name, "file": b.file, "agreement": b.agreement, "accuracy": b.accuracy,
+         "cosine": b.cosine}
         for b in issued
     ]
     if as_json:
         _emit({"buyers": rows})
         return
-    table = Table("id", "name", "agreement", "accuracy", "file", title=f"issued {len(rows)} buyer copies")
+    encoder = any(r["cosine"] is not None for r in rows)
+    columns = ("cosine", "retrieval agreement") if encoder else ("agreement", "accuracy")
+    table = Table("id", "name", *columns, "file", title=f"issued {len(rows)} buyer copies")
     for r in rows:
-        table.add_row(str(r["id"]), r["name"], _pct(r["agreement"]), _pct(r["accuracy"]), r["file"])
+        first = "-" if r["cosine"] is None else f"{r['cosine']:.5f}"
+        values = (first, _pct(r["agreement"])) if encoder else (_pct(r["agreement"]), _pct(r["accuracy"]))
+        table.add_row(str(r["id"]), r["name"], *values, r["file"])
     out.print(table)
 
 

@@ -1,16 +1,41 @@
-"""How close a buyer copy behaves to its master: accuracy and top-1 agreement on held-out data."""
+"""How close a buyer copy behaves to its master on held-out data: for classifiers accuracy and top-1
+agreement, for encoders the cosine similarity of embeddings and nearest-neighbour retrieval agreement."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from . import batches
 
 
 @torch.no_grad()
-def predictions(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Top-1 classes in eval mode (BatchNorm uses running stats), batched to bound memory."""
+def outputs(model: nn.Module, inputs: batches.Inputs, batch_size: int = 1000) -> torch.Tensor:
+    """The model's outputs in eval mode (BatchNorm uses running stats), batched to bound memory."""
     model.eval()
-    return torch.cat([model(inputs[i : i + batch_size]).argmax(1) for i in range(0, len(inputs), batch_size)])
+    n = batches.size(inputs)
+    return torch.cat([batches.call(model, batches.take(inputs, slice(i, i + batch_size))).float()
+                      for i in range(0, n, batch_size)])
+
+
+def predictions(model: nn.Module, inputs: batches.Inputs, batch_size: int = 1000) -> torch.Tensor:
+    """Top-1 classes."""
+    return outputs(model, inputs, batch_size).argmax(1)
+
+
+def nearest(embeddings: torch.Tensor) -> torch.Tensor:
+    """Each item's nearest other item by cosine similarity: retrieval over the held-out set."""
+    e = F.normalize(embeddings.float(), dim=-1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-float("inf"))
+    return sim.argmax(1)
+
+
+def embedding_fidelity(ours: torch.Tensor, master: torch.Tensor) -> tuple[float, float]:
+    """(mean cosine similarity to the master's embeddings, top-1 retrieval agreement with the master)."""
+    cosine = float(F.cosine_similarity(ours.float(), master.float(), dim=-1).mean())
+    return cosine, float((nearest(ours) == nearest(master)).float().mean())
 
 
 def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:

@@ -322,3 +322,69 @@ def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: str | os.Pat
                               **({} if dynamo else {"dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}))
         except OSError as e:
             raise BadInput(f"{path}: cannot write ({e.strerror})") from e
+
+
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files that make up a model file, index or folder; [] for other formats."""
+    if path.is_dir():
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if not index:
+            return sorted(path.glob("*.safetensors"))
+        path = index[0]
+    if path.name.endswith(".index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        return [path.parent / s for s in sorted(set(weight_map.values())) if _inside(path.parent, s)]
+    return [path] if path.is_file() and _kind(path) == "safetensors" else []
+
+
+def float_dtypes(path: str | os.PathLike) -> dict[str, str]:
+    """Stored dtype of each floating-point tensor, from safetensors headers (no data read); {} for
+    other formats, whose weights are treated as float32."""
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    try:
+        for f in safetensors_files(Path(path)):
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    dtype = _SAFETENSORS_DTYPES.get(st.get_slice(name).get_dtype())
+                    if dtype:
+                        out[name] = dtype
+    except Exception as e:  # the same files were just read whole by load_tensors; this is a re-read
+        raise BadInput(f"{path}: cannot read tensor dtypes ({_line(e)})") from e
+    return out
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, shards: int) -> None:
+    """Write a Hugging Face sharded layout: model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json, tensors kept in order and split by size. Written beside the
+    target and renamed into place, so a reader never sees half a folder."""
+    import shutil
+
+    folder = Path(folder)
+    if folder.exists():
+        raise BadInput(f"{folder}: already exists")
+    names = list(tensors)
+    sizes = np.array([tensors[k].numel() * tensors[k].element_size() for k in names], dtype=np.int64)
+    bounds = np.searchsorted(np.cumsum(sizes), np.arange(1, shards) * sizes.sum() / shards)
+    groups = [g for g in np.split(np.arange(len(names)), bounds) if len(g)]
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        weight_map: dict[str, str] = {}
+        for i, group in enumerate(groups, start=1):
+            shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            save_safetensors({names[j]: tensors[names[j]] for j in group}, tmp / shard)
+            weight_map.update({names[j]: shard for j in group})
+        index = {"metadata": {"total_size": int(sizes.sum())}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        os.replace(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BadInput(f"{folder}: cannot write ({e.strerror or _line(e)})") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

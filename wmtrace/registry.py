@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS buyers (
     agreement REAL,
     accuracy REAL,
     margin REAL,
+    cosine REAL,
     created REAL NOT NULL,
     PRIMARY KEY (master, id),
     UNIQUE (master, name)
@@ -84,6 +85,8 @@ class Buyer:
     accuracy: float | None = None
     margin: float | None = None
     codeword: str | None = None
+    # Mean cosine similarity of the copy's outputs to the master's (encoders; None for classifiers).
+    cosine: float | None = None
     extra: dict = field(default_factory=dict)
 
     def public(self) -> dict:
@@ -96,6 +99,7 @@ class Buyer:
             "sha256": self.sha256,
             "agreement": self.agreement,
             "accuracy": self.accuracy,
+            "cosine": self.cosine,
         }
 
 
@@ -140,8 +144,18 @@ class Registry:
             self.conn.execute("PRAGMA busy_timeout = 60000")
             self.conn.execute("PRAGMA foreign_keys = ON")
             self.conn.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as e:
             raise BadInput(f"{db}: not a usable wmtrace registry ({e})") from e
+
+    def _migrate(self) -> None:
+        """Columns added since a registry was created; old registries keep working."""
+        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(buyers)")}
+        if "cosine" not in have:
+            try:
+                self.conn.execute("ALTER TABLE buyers ADD COLUMN cosine REAL")
+            except sqlite3.OperationalError:  # added by a process opening it at the same time, or read-only
+                pass
 
     def close(self) -> None:
         self.conn.close()
@@ -240,6 +254,7 @@ class Registry:
         return Buyer(
             r["master"], r["id"], r["name"], r["status"], r["file"], r["sha256"],
             r["agreement"], r["accuracy"], r["margin"], r["codeword"],
+            cosine=r["cosine"] if "cosine" in r.keys() else None,
         )
 
     def buyers(self, master: str | None = None, status: str | None = "issued") -> list[Buyer]:
@@ -294,8 +309,8 @@ class Registry:
         with self.transaction() as c:
             c.execute(
                 "UPDATE buyers SET status = 'issued', owner = NULL, codeword = ?, file = ?, sha256 = ?, "
-                "agreement = ?, accuracy = ?, margin = ? WHERE master = ? AND id = ?",
-                (b.codeword, b.file, b.sha256, b.agreement, b.accuracy, b.margin, b.master, b.id),
+                "agreement = ?, accuracy = ?, margin = ?, cosine = ? WHERE master = ? AND id = ?",
+                (b.codeword, b.file, b.sha256, b.agreement, b.accuracy, b.margin, b.cosine, b.master, b.id),
             )
             self.audit(c, "issue", b.master, id=b.id, name=b.name, sha256=b.sha256, file=b.file)
 

