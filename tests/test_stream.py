@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from wmtrace import align, api, attacks, formats
 from wmtrace.carriers import Carrier
 from wmtrace.errors import BadInput
+from wmtrace.registry import Master
 from wmtrace.trace import master_arrays
 
 
@@ -173,3 +174,13 @@ def test_master_arrays_reads_only_the_names_asked_for(issued):
     for n in names:
         assert some[n].dtype == whole[n].dtype
         np.testing.assert_array_equal(some[n], whole[n])
+
+
+def test_master_stored_in_bfloat16_is_read_as_float32(tmp_path):
+    state = _state()
+    save_file(state, tmp_path / "master.safetensors")
+    m = Master("bf", tmp_path / "master.safetensors", "", "none:none", None, {}, "", None)
+    got = master_arrays(m, ["b.weight", "c.weight"])
+    assert got["b.weight"].dtype == np.float32 and got["c.weight"].dtype == np.float16  # numpy has no bfloat16
+    np.testing.assert_array_equal(got["b.weight"], state["b.weight"].float().numpy())
+    assert master_arrays(m)["steps"].dtype == np.int64

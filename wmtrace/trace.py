@@ -62,19 +62,20 @@ class TraceResult:
 
 def master_arrays(m: Master, names: list[str] | None = None) -> dict[str, np.ndarray]:
     """The registered master's weights; only `names` (its carriers, say) when given, read by name
-    so that a large master is never loaded whole. Stored dtypes are kept (bfloat16 becomes float32)."""
+    so that a large master is never loaded whole. Stored dtypes are kept where numpy has them
+    (bfloat16 and float8 become float32)."""
     try:
-        if names is None:
-            return load_file(str(m.weights))
         with safe_open(str(m.weights), framework="pt") as f:
-            return {n: _numpy(f.get_tensor(n)) for n in names}
+            return {n: _numpy(f.get_tensor(n)) for n in (f.keys() if names is None else names)}
     except Exception as e:
         raise BadInput(f"{m.weights}: registered weights of master {m.name!r} are unreadable ({e})") from e
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """As `safetensors.numpy` would give it; numpy has no bfloat16 or float8, so those become float32."""
-    return t.numpy() if t.dtype in (torch.float16, torch.float32, torch.float64) else t.to(torch.float32).numpy()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        return t.to(torch.float32).numpy()
+    return t.numpy()
 
 
 def moments_file(weights: str | os.PathLike) -> Path:
