@@ -189,7 +189,7 @@ def trace_eager(root: Path) -> dict:
     return {"verdict": r.verdict, "buyer": r.buyer, "bit_errors": r.bit_errors, "load_tensors_s": round(load_s, 2)}
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mib() -> float:
     """This process's peak resident memory (VmHWM), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -213,7 +213,7 @@ def child(step: str, root: Path, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     out = work()
     out["seconds"] = round(time.perf_counter() - t0, 3)
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(out))
 
 
@@ -263,12 +263,12 @@ def main() -> None:
     read, stream = results["read-safe-open"], results["trace-stream"]
     ratios = {
         "trace_stream_over_read_seconds": round(stream["seconds"] / read["seconds"], 2),
-        "trace_stream_over_read_peak_rss": round(stream["peak_rss_mb"] / read["peak_rss_mb"], 2),
+        "trace_stream_over_read_peak_rss": round(stream["peak_rss_mib"] / read["peak_rss_mib"], 2),
     }
     if "trace-eager" in results:
         eager = results["trace-eager"]
         ratios["trace_eager_over_stream_seconds"] = round(eager["seconds"] / stream["seconds"], 2)
-        ratios["trace_eager_over_stream_peak_rss"] = round(eager["peak_rss_mb"] / stream["peak_rss_mb"], 2)
+        ratios["trace_eager_over_stream_peak_rss"] = round(eager["peak_rss_mib"] / stream["peak_rss_mib"], 2)
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
