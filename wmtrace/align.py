@@ -11,6 +11,7 @@ ReLU). Weights that are exactly zero are treated as missing (pruned), never as v
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,26 +41,41 @@ class Located:
     weight: np.ndarray  # aligned to the master: rows x dim, NaN where the leaked weight is gone
 
 
-def _views(t: np.ndarray, carrier: Carrier) -> list[np.ndarray]:
-    """Ways the tensor may hold the carrier, as out x in x kernel arrays: as is (possibly with fewer or
-    more filters and input channels: structured pruning, dummy channels), or transposed (Linear
-    stored for MatMul)."""
-    shape = carrier.shape
+def _orientations(shape: tuple[int, ...], carrier: Carrier) -> list[bool]:
+    """Whether a tensor of `shape` may hold the carrier as is (False) and transposed (True, a Linear
+    stored for MatMul); possibly with fewer or more filters and input channels (structured pruning,
+    dummy channels). Needs the shape only, so tensors that cannot hold it are never read."""
+    want = carrier.shape
+    if len(shape) != len(want) or len(shape) < 2:
+        return []
     out = []
-    if t.ndim != len(shape) or t.ndim < 2:
-        return out
-    cands = [t]
-    if t.ndim == 2:
-        cands.append(np.ascontiguousarray(t.T))
-    for c in cands:
-        if c.shape[2:] != shape[2:]:
+    for transposed in (False, True) if len(shape) == 2 else (False,):
+        s = tuple(shape[::-1]) if transposed else tuple(shape)
+        if s[2:] != tuple(want[2:]):
             continue
-        if not (shape[0] / MAX_RESHAPE <= c.shape[0] <= shape[0] * MAX_RESHAPE):
+        if not (want[0] / MAX_RESHAPE <= s[0] <= want[0] * MAX_RESHAPE):
             continue
-        if not (shape[1] / MAX_RESHAPE <= c.shape[1] <= shape[1] * MAX_RESHAPE):
+        if not (want[1] / MAX_RESHAPE <= s[1] <= want[1] * MAX_RESHAPE):
             continue
+        out.append(transposed)
+    return out
+
+
+def _views(t: np.ndarray, carrier: Carrier) -> list[np.ndarray]:
+    """Ways the tensor may hold the carrier, as out x in x kernel arrays (see `_orientations`)."""
+    out = []
+    for transposed in _orientations(tuple(t.shape), carrier):
+        c = np.ascontiguousarray(t.T) if transposed else t
         out.append(c.reshape(c.shape[0], c.shape[1], -1))
     return out
+
+
+def _shapes(tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes, without reading anything when `tensors` reads lazily (`formats.TensorSource`)."""
+    shapes = getattr(tensors, "shapes", None)
+    if shapes is not None:
+        return dict(shapes)
+    return {k: tuple(v.shape) for k, v in tensors.items()}
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -201,15 +217,14 @@ def _rescale(a: np.ndarray, master: np.ndarray, iters: int = 5) -> np.ndarray:
 
 
 def _same_place(
-    tensors: dict[str, np.ndarray], c: Carrier, ref: np.ndarray, taken: set[str]
+    tensors: Mapping[str, np.ndarray], shapes: dict[str, tuple], c: Carrier, ref: np.ndarray, taken: set[str]
 ) -> tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None:
     """The tensor that still has the carrier's name and shape, filters in the master's order, with its
     mean |cosine| to the master's filters. Names are not trusted: this only spares the search over
     every same-shaped tensor (dozens in a transformer) when the match is unmistakable."""
-    t = None if c.name in taken else tensors.get(c.name)
-    if t is None or tuple(t.shape) != tuple(c.shape):
+    if c.name in taken or tuple(shapes.get(c.name, ())) != tuple(c.shape):
         return None
-    view = t.astype(np.float64).reshape(ref.shape)
+    view = tensors[c.name].astype(np.float64).reshape(ref.shape)
     a, b = view.reshape(len(view), -1), ref.reshape(len(ref), -1)
     b = np.where(a != 0, b, 0.0)  # pruned weights say nothing
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
@@ -219,20 +234,25 @@ def _same_place(
 
 
 def locate(
-    tensors: dict[str, np.ndarray], master: dict[str, np.ndarray], carriers: list[Carrier]
+    tensors: Mapping[str, np.ndarray], master: Mapping[str, np.ndarray], carriers: list[Carrier]
 ) -> list[Located | None]:
-    """Best-matching leaked tensor per carrier (None when nothing matches), aligned to the master."""
+    """Best-matching leaked tensor per carrier (None when nothing matches), aligned to the master.
+
+    Only tensors whose shape could hold the carrier are read, one at a time, and only the best so
+    far is kept: a lazily read file (`formats.open_tensors`) is never held in memory whole.
+    """
+    shapes = _shapes(tensors)
     found: list[Located | None] = []
     taken: set[str] = set()
     for c in carriers:
         ref = master[c.name].astype(np.float64).reshape(c.shape[0], c.shape[1], -1)
-        best: tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None = _same_place(tensors, c, ref, taken)
-        for name, t in tensors.items():
+        best: tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None = _same_place(tensors, shapes, c, ref, taken)
+        for name, shape in shapes.items():
             if best is not None and best[0] > IDENTITY_SCORE:
                 break  # the tensor of the carrier's name, in the carrier's order: no search needed
-            if name in taken:
+            if name in taken or not _orientations(shape, c):
                 continue
-            for view in _views(t, c):
+            for view in _views(tensors[name], c):
                 view = view.astype(np.float64)
                 rows, cols, score = _match(view, ref)
                 if best is None or score > best[0]:

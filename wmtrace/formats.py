@@ -8,10 +8,13 @@ inside the model's own folder. Every failure is a one-line `BadInput`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
 import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,37 +55,135 @@ def _kind(path: Path) -> str:
     raise BadInput(f"{path}: unknown format (expected safetensors, ONNX or a PyTorch checkpoint)")
 
 
-def _safetensors(path: Path) -> dict[str, np.ndarray]:
+# safetensors dtypes that torch reads as floating point (BF16 and the float8 types included)
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_INT8_DTYPES = {"I8", "U8"}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one weight lives: its shard, its name there, and for int8 weights the scale and zero point."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    scale: str | None = None
+    zero: str | None = None
+
+
+def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """dtype and shape of every tensor of a safetensors file, from its header alone."""
     from safetensors import safe_open
 
-    out: dict[str, np.ndarray] = {}
-    ints: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(path), framework="pt") as f:  # torch, since numpy has no bfloat16
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                t = f.get_tensor(name)
-                a = _float32(t)
-                if a is not None:
-                    out[name] = a
-                elif t.dtype in (torch.int8, torch.uint8) and t.dim() >= 2:
-                    ints[name] = t
+                sl = f.get_slice(name)
+                out[name] = (sl.get_dtype(), tuple(sl.get_shape()))
+            return out
     except Exception as e:  # safetensors raises its own error types for truncation and bad headers
         raise BadInput(f"{path}: corrupt or truncated safetensors file ({_line(e)})") from e
-    # Weights stored quantized: NAME (int8/uint8) + NAME_scale (+ NAME_zero_point), per tensor or per
-    # output channel, as `wmtrace.attacks.quantize` and compressed-tensors checkpoints store them.
-    for name, q in ints.items():
-        scale = out.pop(f"{name}_scale", None)
-        if scale is None:
+
+
+def _shard_entries(path: Path) -> dict[str, _Entry]:
+    """The weights one shard holds. Quantized weights are NAME (int8/uint8) + NAME_scale (+ NAME_zero_point),
+    per tensor or per output channel, as `wmtrace.attacks.quantize` and compressed-tensors store them;
+    they are listed under NAME, and their scale and zero point are not weights themselves."""
+    header = _header(path)
+    floats = {k: shape for k, (dtype, shape) in header.items() if dtype in _FLOAT_DTYPES}
+    out = {k: _Entry(path, k, shape) for k, shape in floats.items()}
+    for name, (dtype, shape) in header.items():
+        if dtype not in _INT8_DTYPES or len(shape) < 2 or f"{name}_scale" not in floats:
             continue
-        zero = out.pop(f"{name}_zero_point", None)
-        if zero is None and f"{name}_zero_point" in ints:
-            zero = ints[f"{name}_zero_point"].numpy()
-        s = scale.reshape(-1)
-        if s.size not in (1, q.shape[0]):
+        scale = f"{name}_scale"
+        out.pop(scale, None)
+        zero = f"{name}_zero_point"
+        out.pop(zero, None)
+        zero_dtype, zero_shape = header.get(zero, ("", ()))
+        has_zero = zero_dtype in _FLOAT_DTYPES | _INT8_DTYPES
+        size = math.prod(floats[scale])
+        if size not in (1, shape[0]) or (has_zero and math.prod(zero_shape) != size):
             raise BadInput(f"{path}: quantized weight {name!r} does not fit its scale")
-        out[name] = _dequantize(q.numpy(), s if s.size > 1 else s.reshape(()),
-                                None if zero is None else np.asarray(zero).reshape(-1 if s.size > 1 else ()), 0)
+        out[name] = _Entry(path, name, shape, scale, zero if has_zero else None)
     return out
+
+
+def _read(e: _Entry) -> np.ndarray:
+    """One weight as float32, dequantized when stored as int8."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(e.file), framework="pt") as f:  # torch, since numpy has no bfloat16
+            t = f.get_tensor(e.key)
+            if e.scale is None:
+                return _float32(t)
+            s = f.get_tensor(e.scale).to(torch.float32).numpy().reshape(-1)
+            zero = None if e.zero is None else f.get_tensor(e.zero).to(torch.float32).numpy().reshape(-1)
+    except Exception as err:
+        raise BadInput(f"{e.file}: corrupt or truncated safetensors file ({_line(err)})") from err
+    per_channel = s.size > 1
+    try:
+        return _dequantize(t.numpy(), s if per_channel else s.reshape(()),
+                           None if zero is None else zero.reshape(-1 if per_channel else ()), 0)
+    except ValueError as err:  # the header promised shapes that the data does not keep
+        raise BadInput(f"{e.file}: quantized weight {e.key!r} does not fit its scale ({_line(err)})") from err
+
+
+class TensorSource(Mapping):
+    """A model's float weights by name, as float32 numpy arrays, each read only when asked for.
+
+    `shapes` comes from file headers alone, so callers can pick the tensors worth reading: a leaked
+    model may be far larger than memory allows holding as float32. `source[name]` (or `get`) reads
+    one tensor; `dict(source)` reads them all.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = shapes
+
+    def load(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.shapes:
+            raise KeyError(name)
+        return self.load(name)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self.shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+class _LazySafetensors(TensorSource):
+    def __init__(self, entries: dict[str, _Entry]):
+        super().__init__({k: e.shape for k, e in entries.items()})
+        self._entries = entries
+
+    def load(self, name: str) -> np.ndarray:
+        return _read(self._entries[name])
+
+
+class _Loaded(TensorSource):
+    """Formats read whole (ONNX, checkpoints), behind the same interface."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        super().__init__({k: tuple(v.shape) for k, v in arrays.items()})
+        self._arrays = arrays
+
+    def load(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+
+def _safetensors(*shards: Path) -> TensorSource:
+    entries: dict[str, _Entry] = {}
+    for s in shards:
+        entries.update(_shard_entries(s))
+    return _LazySafetensors(entries)
 
 
 def _flatten(obj, prefix: str, out: dict[str, np.ndarray]) -> None:
@@ -216,27 +317,24 @@ def _onnx(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _folder(path: Path) -> dict[str, np.ndarray]:
+def _folder(path: Path) -> TensorSource:
     index = sorted(path.glob("*.safetensors.index.json"))
     if index:
         return _index(index[0])
     shards = sorted(path.glob("*.safetensors"))
     if shards:
-        out: dict[str, np.ndarray] = {}
-        for s in shards:
-            out.update(_safetensors(s))
-        return out
+        return _safetensors(*shards)
     # A single .onnx wins (its external data may well end in .bin); otherwise a single checkpoint.
     for suffixes in ((".onnx",), CHECKPOINT_SUFFIXES):
         found = [p for p in sorted(path.iterdir()) if p.suffix in suffixes and p.is_file()]
         if len(found) == 1:
-            return load_tensors(found[0])
+            return open_tensors(found[0])
         if found:
             raise BadInput(f"{path}: folder holds several model files ({', '.join(p.name for p in found[:3])})")
     raise BadInput(f"{path}: folder holds no single model file (safetensors shards, .onnx or a checkpoint)")
 
 
-def _index(path: Path) -> dict[str, np.ndarray]:
+def _index(path: Path) -> TensorSource:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
@@ -244,23 +342,22 @@ def _index(path: Path) -> dict[str, np.ndarray]:
             raise ValueError("weight_map names no shard files")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise BadInput(f"{path}: not a valid safetensors index ({_line(e)})") from e
-    out: dict[str, np.ndarray] = {}
     for s in shards:
         if not _inside(path.parent, s):
             raise BadInput(f"{path}: shard {s!r} lies outside the index's folder")
-        shard = path.parent / s
-        if not shard.is_file():
+        if not (path.parent / s).is_file():
             raise BadInput(f"{path}: shard {s} is missing")
-        out.update(_safetensors(shard))
-    return out
+    return _safetensors(*(path.parent / s for s in shards))
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All floating-point weights of a model file or folder, as float32 numpy arrays by name.
+def open_tensors(path: str | os.PathLike) -> TensorSource:
+    """The floating-point weights of a model file or folder, each read as float32 only when asked for.
 
     Accepts safetensors (single, sharded index, or a folder of them), ONNX (initializers and
     Constant nodes; quantized weights dequantized under the quantized initializer's name) and
     PyTorch checkpoints holding plain (possibly nested) state dicts. Integer tensors are dropped.
+    safetensors are read lazily (headers up front, one tensor per request); ONNX and checkpoints
+    have no cheap per-tensor access and are read whole.
     """
     path = Path(path)
     if path.is_dir():
@@ -273,10 +370,18 @@ def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         kind = _kind(path)
     except OSError as e:
         raise BadInput(f"{path}: cannot read ({e.strerror or _line(e)})") from e
-    tensors = {"safetensors": _safetensors, "checkpoint": _checkpoint, "onnx": _onnx}[kind](path)
-    if not tensors:
+    if kind == "safetensors":
+        source = _safetensors(path)
+    else:
+        source = _Loaded({"checkpoint": _checkpoint, "onnx": _onnx}[kind](path))
+    if not source:
         raise BadInput(f"{path}: holds no floating-point weights")
-    return tensors
+    return source
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All floating-point weights of a model file or folder (see `open_tensors`), read now."""
+    return dict(open_tensors(path))
 
 
 def save_safetensors(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from . import accuse, codes
@@ -57,11 +60,22 @@ class TraceResult:
         return asdict(self)
 
 
-def master_arrays(m: Master) -> dict[str, np.ndarray]:
+def master_arrays(m: Master, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The registered master's weights; only `names` (its carriers, say) when given, read by name
+    so that a large master is never loaded whole. Stored dtypes are kept where numpy has them
+    (bfloat16 and float8 become float32)."""
     try:
-        return load_file(str(m.weights))
+        with safe_open(str(m.weights), framework="pt") as f:
+            return {n: _numpy(f.get_tensor(n)) for n in (f.keys() if names is None else names)}
     except Exception as e:
         raise BadInput(f"{m.weights}: registered weights of master {m.name!r} are unreadable ({e})") from e
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """As `safetensors.numpy` would give it; numpy has no bfloat16 or float8, so those become float32."""
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        return t.to(torch.float32).numpy()
+    return t.numpy()
 
 
 def moments_file(weights: str | os.PathLike) -> Path:
@@ -127,14 +141,15 @@ def extract(
 
 
 def trace_tensors(
-    tensors: dict[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray],
     registry: Registry,
     file: str = "",
     master: str | None = None,
     max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE,
     pending: list[Buyer] = (),
 ) -> TraceResult:
-    """Trace weights already in memory; `pending` buyers count as issued (for self-checks)."""
+    """Trace weights in memory, or read lazily (`formats.open_tensors`); `pending` buyers count as
+    issued (for self-checks)."""
     if not 0.0 < max_false_positive < 1.0:
         raise BadInput(f"--max-false-positive {max_false_positive}: use a probability between 0 and 1")
     masters = [registry.master(master)] if master else registry.masters()
@@ -145,8 +160,8 @@ def trace_tensors(
     # file (two masters can be near-identical, e.g. the same weights registered twice).
     candidates = []
     for m in masters:
-        arrays = master_arrays(m)
         carriers = [Carrier.from_dict(d) for d in m.config["carriers"]]
+        arrays = master_arrays(m, [c.name for c in carriers])
         found = locate(tensors, arrays, carriers)
         score = sum(f.similarity for f in found if f is not None) / len(found)
         candidates.append((score, m, found, arrays))
@@ -241,7 +256,7 @@ def trace(
     max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE,
 ) -> TraceResult:
     """Trace a leaked .safetensors / .onnx / checkpoint (file or folder) against the registry."""
-    tensors = formats.load_tensors(path)
+    tensors = formats.open_tensors(path)  # read lazily: only tensors shaped like a carrier are loaded
     result = trace_tensors(tensors, registry, str(path), master, max_false_positive)
     buyer = result.buyer["id"] if result.buyer else None
     registry.log_trace(str(path), result.verdict, result.master, buyer, [c["id"] for c in result.colluders])

@@ -1,0 +1,288 @@
+"""Peak memory and time of tracing a ~1B-parameter sharded checkpoint, against reading it once.
+
+    PYTHONPATH=. python benchmarks/bench_stream.py --out benchmarks/results/stream.json
+
+Writes a random Llama-shaped checkpoint (TinyLlama-1.1B's shapes by default: hidden 2048,
+intermediate 5632, 22 layers, grouped-query k/v of 256 rows, vocabulary 32000, bfloat16) as
+Hugging Face ships it (shards + model.safetensors.index.json), registers it as a master with two
+k_proj carriers and minimal-norm placement, and writes one buyer copy. Issuing goes through the
+lower-level pieces (carriers, embed.place, codes), since `api.issue` builds a float32 module per copy.
+
+Each measurement runs in a fresh subprocess, which reports its own peak resident memory (VmHWM of
+/proc/self/status: unlike ru_maxrss it does not inherit the parent's high-water mark across exec):
+reading the copy once (plain file reads; safe_open + get_tensor + float32 of every tensor, each dropped
+before the next), tracing with the streaming path (`trace.trace`), and the eager path
+(`formats.load_tensors` of the whole copy, then `trace_tensors`). The page cache is warm: the files
+were just written, so reading measures memory bandwidth and conversion, not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+MASTER = "llama"
+STEPS = ("make", "baseline", "read-file", "read-safe-open", "trace-stream", "trace-eager")
+
+
+def llama_shapes(layers: int, hidden: int, intermediate: int, kv: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Weight names and shapes in the order Hugging Face's Llama writes them."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (intermediate, hidden),
+            p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    return shapes
+
+
+def random_state(shapes: dict[str, tuple[int, ...]], seed: int):
+    """Random weights (std 0.02, norms at 1) in bfloat16, as a released checkpoint stores them."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g).mul_(0.02)
+        state[name] = t.to(torch.bfloat16)
+    return state
+
+
+def save_sharded(state: dict, folder: Path, shards: int) -> Path:
+    """Shards of about equal size in name order, and the index that maps names to them."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        if size >= total * len(groups) / shards and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(name)
+        size += t.numel() * t.element_size()
+    weight_map = {}
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: state[n] for n in names}, str(folder / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(names, file)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return index
+
+
+def make(root: Path, args: argparse.Namespace) -> dict:
+    """The master registered in root/registry and one buyer copy in root/leaked, issued as `api` would."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from wmtrace import carriers as carriers_mod
+    from wmtrace import codes, embed, keys
+    from wmtrace.api import sha256_file
+    from wmtrace.registry import Master, Registry
+
+    shapes = llama_shapes(args.layers, args.hidden, args.intermediate, args.kv, args.vocab)
+    state = random_state(shapes, seed=0)
+    reg = Registry(root / "registry", create=True)
+    weights = reg.root / "masters" / f"{MASTER}.safetensors"
+    save_file(state, str(weights))
+
+    spec = codes.CodeSpec(symbols=args.bits // 8)
+    names = [f"model.layers.{i}.self_attn.k_proj.weight" for i in args.carrier_layers]
+    chosen = carriers_mod.select(state, spec.bits, names)
+    strength = embed.EmbedConfig.strength
+    config = {
+        "code": {"symbols": spec.symbols, "name": spec.name},
+        "carriers": [{**c.to_dict(), "margin": embed.margin(state[c.name], c, strength)} for c in chosen],
+        "embed": {**asdict(embed.EmbedConfig()), "strength": strength, "steps": 0, "placement": "minimal-norm"},
+        "eval_samples": 0,
+    }
+    key = keys.generate()
+    keys.write(reg.key_path(MASTER), key)
+    reg.add_master(Master(MASTER, weights, sha256_file(weights), "none:none", None, config,
+                          keys.fingerprint(key), None))
+
+    (b,) = reg.reserve(MASTER, ["leaker"])
+    bits = codes.codeword(key, MASTER, b.id, spec)
+    margins = [d["margin"] for d in config["carriers"]]
+    embed.place(state, chosen, [c.projection(key) for c in chosen], margins, bits)  # in place, bfloat16 kept
+    index = save_sharded(state, root / "leaked", args.shards)
+    b.file, b.sha256, b.status = str(index.parent), sha256_file(index), "issued"
+    b.codeword = np.packbits(bits).tobytes().hex()
+    reg.complete(b)
+    reg.close()
+    return {
+        "parameters": sum(math.prod(s) for s in shapes.values()),
+        "tensors": len(shapes),
+        "bytes": sum(p.stat().st_size for p in (root / "leaked").glob("*.safetensors")),
+        "shards": len(list((root / "leaked").glob("*.safetensors"))),
+        "carriers": names,
+        "buyer": {"id": b.id, "name": b.name},
+    }
+
+
+def read_file(folder: Path) -> dict:
+    """Every byte of every shard through one 64 MiB buffer: the floor for any reader."""
+    buf = bytearray(64 << 20)
+    n = 0
+    for p in sorted(folder.glob("*.safetensors")):
+        with open(p, "rb", buffering=0) as f:
+            while k := f.readinto(buf):
+                n += k
+    return {"bytes": n}
+
+
+def read_safe_open(folder: Path) -> dict:
+    """Every tensor once with safe_open + get_tensor, made float32 (what tracing computes on) and dropped
+    before the next. get_tensor alone maps the file without touching it, so it would measure nothing."""
+    import torch
+    from safetensors import safe_open
+
+    n = 0
+    for p in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(p), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                t = f.get_tensor(name).to(torch.float32)
+                n += t.numel()
+                del t
+    return {"elements": n}
+
+
+def trace_stream(root: Path) -> dict:
+    from wmtrace import trace
+    from wmtrace.registry import Registry
+
+    with Registry(root / "registry") as reg:
+        r = trace.trace(root / "leaked", reg)
+    return {"verdict": r.verdict, "buyer": r.buyer, "bit_errors": r.bit_errors, "carriers": r.carriers}
+
+
+def trace_eager(root: Path) -> dict:
+    """The file read whole as float32 first (what `trace` did before streaming), then traced."""
+    from wmtrace import formats, trace
+    from wmtrace.registry import Registry
+
+    t0 = time.perf_counter()
+    tensors = formats.load_tensors(root / "leaked")
+    load_s = time.perf_counter() - t0
+    with Registry(root / "registry") as reg:
+        r = trace.trace_tensors(tensors, reg, str(root / "leaked"))
+    return {"verdict": r.verdict, "buyer": r.buyer, "bit_errors": r.bit_errors, "load_tensors_s": round(load_s, 2)}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)  # kB
+    return float("nan")
+
+
+def child(step: str, root: Path, args: argparse.Namespace) -> None:
+    """One step in this (fresh) process: its time and this process's peak memory, as JSON."""
+    import numpy  # noqa: F401 - imported by every step, so the baseline holds them too
+    import torch  # noqa: F401
+
+    work = {
+        "make": lambda: make(root, args),
+        "baseline": lambda: {},
+        "read-file": lambda: read_file(root / "leaked"),
+        "read-safe-open": lambda: read_safe_open(root / "leaked"),
+        "trace-stream": lambda: trace_stream(root),
+        "trace-eager": lambda: trace_eager(root),
+    }[step]
+    t0 = time.perf_counter()
+    out = work()
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    out["peak_rss_mib"] = peak_rss_mib()
+    print(json.dumps(out))
+
+
+def run_child(step: str, root: Path, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--child", step, "--dir", str(root)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{step} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(step, result, flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/stream.json"))
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/wmtrace-bench-stream"))
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--kv", type=int, default=256, help="rows of k_proj / v_proj (grouped-query attention)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shards", type=int, default=5)
+    ap.add_argument("--bits", type=int, default=256)
+    ap.add_argument("--carrier-layers", type=int, nargs="+", default=[3, 17])
+    ap.add_argument("--skip-eager", action="store_true", help="leave out the eager trace (float32 copy in memory)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and registry in --dir")
+    ap.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.dir, args)
+        return
+
+    if args.dir.exists():
+        shutil.rmtree(args.dir)
+    shape_args = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("layers", "hidden", "intermediate", "kv",
+                                                                         "vocab", "shards", "bits")]
+    shape_args += ["--carrier-layers", *map(str, args.carrier_layers)]
+    try:
+        made = run_child("make", args.dir, shape_args)
+        steps = [s for s in STEPS[1:] if not (s == "trace-eager" and args.skip_eager)]
+        results = {s: run_child(s, args.dir, shape_args) for s in steps}
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+
+    read, stream = results["read-safe-open"], results["trace-stream"]
+    ratios = {
+        "trace_stream_over_read_seconds": round(stream["seconds"] / read["seconds"], 2),
+        "trace_stream_over_read_peak_rss": round(stream["peak_rss_mib"] / read["peak_rss_mib"], 2),
+    }
+    if "trace-eager" in results:
+        eager = results["trace-eager"]
+        ratios["trace_eager_over_stream_seconds"] = round(eager["seconds"] / stream["seconds"], 2)
+        ratios["trace_eager_over_stream_peak_rss"] = round(eager["peak_rss_mib"] / stream["peak_rss_mib"], 2)
+    report = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        "python": platform.python_version(),
+        "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+        "checkpoint": {**made, "config": {k: getattr(args, k) for k in
+                                          ("layers", "hidden", "intermediate", "kv", "vocab", "shards", "bits")}},
+        "results": results,
+        "ratios": ratios,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(ratios))
+
+
+if __name__ == "__main__":
+    main()
