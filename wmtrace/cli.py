@@ -106,6 +106,9 @@ def init(
     layers: Annotated[
         int | None, typer.Option(help="Number of carrier layers [default: 2 to 8, by model size]")
     ] = None,
+    strength: Annotated[
+        float, typer.Option(help="Mark strength: RMS shift of a carrier's filter mean over its weights' RMS")
+    ] = api.embed.EmbedConfig.strength,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -119,8 +122,8 @@ def init(
     elif weights is None:
         _fail("--weights is required for a master other than the bundled example")
     else:
-        m = api.init(reg, name, weights, model, data, carriers or None, bits, layers=layers, steps=repair_steps,
-                     placement=placement, output=output, loss=loss)
+        m = api.init(reg, name, weights, model, data, carriers or None, bits, layers=layers, strength=strength,
+                     steps=repair_steps, placement=placement, output=output, loss=loss)
     info = {
         "master": m.name,
         "factory": m.factory,
@@ -294,9 +297,10 @@ def buyers_cmd(master: MasterOpt = None, registry: RegistryOpt = None, as_json: 
     if as_json:
         _emit({"buyers": rows})
         return
-    table = Table("master", "id", "name", "agreement", "accuracy", "sha256", "file")
+    table = Table("master", "id", "name", "agreement", "accuracy", "cosine", "sha256", "file")
     for r in rows:
-        table.add_row(r["master"], str(r["id"]), r["name"], _pct(r["agreement"]), _pct(r["accuracy"]),
+        cosine = "-" if r["cosine"] is None else f"{r['cosine']:.5f}"
+        table.add_row(r["master"], str(r["id"]), r["name"], _pct(r["agreement"]), _pct(r["accuracy"]), cosine,
                       (r["sha256"] or "")[:12], r["file"] or "")
     out.print(table)
 

