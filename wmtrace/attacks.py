@@ -4,7 +4,7 @@ Every attack takes a state dict of torch tensors and returns a new one (the inpu
 Each states what its `strength` means. Attacks that change channels (structured pruning,
 permutation, rescaling, dummy channels) need to know which layer feeds which; they infer it from
 the state dict alone, under one assumption (see `hidden_layers`). Attacks that train
-(`finetune`, `overwrite`, `shift`) need the model code and data: a `module:factory` and a
+(`finetune`, `transfer`, `overwrite`, `shift`) need the model code and data: a `module:factory` and a
 `module:function(split)` data entry point, the example CNN and Fashion-MNIST by default.
 """
 
@@ -398,16 +398,23 @@ class Trainer:
         return max(1, len(self.data("train")) // self.batch_size)
 
 
-def _train(model: nn.Module, trainer: Trainer, steps: int, lr: float, extra=None, callback=None) -> nn.Module:
+def _train(
+    model: nn.Module, trainer: Trainer, steps: int, lr: float, extra=None, callback=None,
+    labels: torch.Tensor | None = None, params: list[nn.Parameter] | None = None,
+) -> nn.Module:
     """Plain SGD (Nesterov momentum 0.9, weight decay 5e-4, as the example master), BatchNorm in
     train mode, constant learning rate; `extra(model)` adds a loss term; `callback(step, model)`
-    runs after every step (to snapshot a sweep from one run)."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    runs after every step (to snapshot a sweep from one run); `labels` maps the data's labels to
+    another task's; `params` limits training to those parameters (default: all)."""
+    trained = list(model.parameters()) if params is None else params
+    opt = torch.optim.SGD(trained, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     model.train()
     batches = trainer.batches()
     for step in range(steps):
         batch = next(batches)
         x, y = batch[0], batch[1]
+        if labels is not None:
+            y = labels[y]
         loss = F.cross_entropy(model(x), y)
         if extra is not None:
             loss = loss + extra(model)
@@ -487,3 +494,80 @@ def shift(state: State, strength: float, trainer: Trainer, steps: int = 200, lr:
         out[n] = w.clone()
         out[n][r] += (strength * w.shape[0] * float(w.float().std()) * u).to(w.dtype)
     return _state(_train(trainer.model(out), trainer, steps, lr))
+
+
+# Fashion-MNIST's ten classes in four coarse groups: tops (T-shirt, pullover, coat, shirt), one-piece
+# and lower garments (trouser, dress), footwear (sandal, sneaker, ankle boot), bags.
+COARSE_GROUPS = (0, 1, 0, 1, 0, 2, 0, 2, 3, 2)
+TRANSFER_TUNE = ("all", "last")
+
+
+def _head(model: nn.Module) -> str:
+    """The classifier to replace: the model's last linear layer."""
+    names = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    if not names:
+        raise BadInput("transfer: the model has no linear layer to replace with a new head")
+    return names[-1]
+
+
+def _new_head(model: nn.Module, classes: int, seed: int) -> str:
+    """Replace the last linear layer by a freshly initialised one with `classes` outputs."""
+    name = _head(model)
+    old = model.get_submodule(name)
+    with torch.random.fork_rng():  # a reproducible head without touching the caller's random state
+        torch.manual_seed(seed)
+        head = nn.Linear(old.in_features, classes, bias=old.bias is not None)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, head)
+    return name
+
+
+def _last_layers(model: nn.Module, head: str) -> list[nn.Parameter]:
+    """The new head, the last conv layer and every module after it (its BatchNorm): what a transfer
+    learner trains when the early features are kept frozen."""
+    modules = list(model.named_modules())
+    convs = [i for i, (_, mod) in enumerate(modules) if isinstance(mod, nn.Conv2d)]
+    start = convs[-1] if convs else [n for n, _ in modules].index(head)
+    return [p for _, mod in modules[start:] for p in mod.parameters(recurse=False)]
+
+
+def task_accuracy(model: nn.Module, trainer: Trainer, labels: torch.Tensor, batch: int = 1000) -> float:
+    """Top-1 accuracy on the attacker's new task, over the held-out split."""
+    from torch.utils.data import DataLoader
+
+    right = total = 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in DataLoader(trainer.data("test"), batch_size=batch):
+            right += int((model(x).argmax(1) == labels[y]).sum())
+            total += len(y)
+    return right / max(total, 1)
+
+
+def transfer(
+    state: State, strength: float, trainer: Trainer, lr: float = 0.01, tune: str = "all",
+    groups: tuple[int, ...] = COARSE_GROUPS, report: dict | None = None, callback=None,
+) -> State:
+    """Transfer learning: the classifier head is replaced by a new, randomly initialised one for
+    another task and the network is fine-tuned on it; `strength` is the number of epochs.
+
+    The new task maps each original label `y` to `groups[y]` (default: Fashion-MNIST's ten classes
+    in four coarse groups, `COARSE_GROUPS`), so the head changes shape and the result is a different
+    model. A random head sends large gradients into the features at first, which is what makes this
+    harder on a mark than plain fine-tuning. `tune`: `all` trains every layer, `last` only the new
+    head and the last conv layer with what follows it. `report['task_accuracy']` receives the new
+    task's held-out accuracy (the attacker's cost); `callback(step, model)` runs after every step.
+    """
+    if strength < 0:
+        raise BadInput(f"transfer: strength {strength} (epochs) must be >= 0")
+    if tune not in TRANSFER_TUNE:
+        raise BadInput(f"transfer: tune {tune!r}: use one of {', '.join(TRANSFER_TUNE)}")
+    labels = torch.tensor(groups, dtype=torch.long)
+    model = trainer.model(state)
+    head = _new_head(model, int(labels.max()) + 1, trainer.seed)
+    params = _last_layers(model, head) if tune == "last" else None
+    steps = round(strength * trainer.steps_per_epoch())
+    _train(model, trainer, steps, lr, callback=callback, labels=labels, params=params)
+    if report is not None:
+        report["task_accuracy"] = task_accuracy(model, trainer, labels)
+    return _state(model)
