@@ -6,8 +6,8 @@ For each attacked copy of one issued buyer: the bit error rate against that buye
 error correction (over the bits still present; also with a plain mean over filters instead of the
 trimmed mean, to compare extractions), the verdict, whether the right buyer was named, whether a
 wrong one was (never expected), and the attacker's test accuracy on the 10,000 Fashion-MNIST test
-images. Writes benchmarks/results/robustness.{csv,json} and robustness.png (needs the `report`
-extra: matplotlib).
+images (for `transfer`, on the attacker's new task: the same images in four coarse groups). Writes
+benchmarks/results/robustness.{csv,json} and robustness.png (needs the `report` extra: matplotlib).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ OVERWRITE_STEPS = [25, 50, 100, 300]
 SHIFTS = [0.1, 0.3, 1.0, 3.0]
 SHIFT_STEPS = 200
 FAMILIES = ["prune-global", "prune-layer", "prune-random", "prune-filters", "prune-filters-all", "quantize",
-            "onnx", "noise", "permute", "finetune-0.05", "finetune-0.01", "overwrite", "shift"]
+            "onnx", "noise", "permute", "finetune-0.05", "finetune-0.01", "transfer-0.05", "transfer-0.01",
+            "transfer-last-0.05", "overwrite", "shift"]
 
 
 class Bench:
@@ -145,6 +146,8 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
                 model.train()
 
         attacks.finetune(s, max(epochs), trainer, lr, callback=snap)
+    elif family.startswith("transfer"):
+        _transfer(bench, family, [0.1, 0.5] if quick else EPOCHS, trainer)
     elif family == "overwrite":
         for steps in ([50] if quick else OVERWRITE_STEPS):
             report: dict = {}
@@ -155,6 +158,24 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
             bench.record(family, a, attacks.shift(s, a, trainer, steps=SHIFT_STEPS), steps=SHIFT_STEPS)
     else:
         raise SystemExit(f"unknown family {family}")
+
+
+def _transfer(bench: Bench, family: str, epochs: list[float], trainer: attacks.Trainer) -> None:
+    """`transfer-[last-]LR`: new head for the coarse task, snapshots of one run at each epoch count;
+    the accuracy recorded is the new task's (the example's own head is gone)."""
+    lr, tune = float(family.rsplit("-", 1)[1]), ("last" if "-last-" in family else "all")
+    labels = torch.tensor(attacks.COARSE_GROUPS)
+    per = trainer.steps_per_epoch()
+    marks = {round(e * per): e for e in epochs}
+
+    def snap(step, model):
+        if step in marks:
+            acc = attacks.task_accuracy(model, trainer, labels)
+            bench.record(family, marks[step], {k: v.detach().clone() for k, v in model.state_dict().items()},
+                         accuracy=acc, lr=lr, tune=tune)
+            model.train()
+
+    attacks.transfer(bench.state, max(epochs), trainer, lr, tune, callback=snap)
 
 
 def _onnx_accuracy(path: Path, bench: Bench) -> float:
