@@ -18,7 +18,8 @@ training images run through the copy:
 Compared: (a) the master against buyer copies as issued; (b) the master and the copies each fine-tuned
 the same way (same seed, same batches); and, with no reference at all, the carrier layers against the
 other conv layers of the same copy (`ranking`: whether the layers with the highest statistic are exactly
-the carriers). Writes benchmarks/results/detection.json.
+the carriers). `--settings` instead places copies with other placements and strengths (no training)
+and reports the same ranking and their agreement with the master. Writes benchmarks/results/detection.json.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from wmtrace import api, attacks, embed, example
+from wmtrace import api, attacks, codes, embed, example, fidelity
+from wmtrace import carriers as carriers_mod
 from wmtrace.carriers import Carrier
 from wmtrace.data import load_fashion_mnist
+from wmtrace.trace import load_moments
 
 State = dict[str, torch.Tensor]
-STATS = ("std", "kurtosis", "filter_mean_spread", "mean_rms_rel", "coherence", "low_share", "low_coherence")
+# (placement, strength) for --settings; the default is activation-aware placement at 0.2.
+SETTINGS = [("activation", 0.2), ("activation", 0.1), ("activation", 0.05), ("minimal-norm", 0.2),
+            ("minimal-norm", 0.1)]
 
 
 def weight_stats(w: torch.Tensor) -> dict[str, float]:
@@ -107,6 +112,46 @@ def ranking(copies: list[dict], carriers: list[str]) -> dict:
     return out
 
 
+def placed(m, key: bytes, master: State, n: int, placement: str, strength: float) -> list[State]:
+    """`n` copies placed as `issue` would with another placement or strength (codewords of unissued IDs)."""
+    cs = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
+    xs = [c.projection(key) for c in cs]
+    stored = load_moments(m) if placement == "activation" else {}
+    maps = [carriers_mod.embedding_map(x, stored.get(c.name)) for c, x in zip(cs, xs, strict=True)]
+    margins = [embed.margin(master[c.name], c, strength) for c in cs]
+    spec = codes.CodeSpec(**m.config["code"])
+    out = []
+    for i in range(n):
+        state = {k: v.clone() for k, v in master.items()}
+        embed.place(state, cs, xs, margins, codes.codeword(key, m.name, 10_000 + i, spec), maps=maps)
+        out.append(state)
+    return out
+
+
+def settings(m, key: bytes, master: State, n: int, inputs: torch.Tensor) -> dict:
+    """(c) Would another placement or strength hide the carriers? Reference-free ranking and the
+    copies' top-1 agreement with the master on 2,000 test images, per setting."""
+    test = load_fashion_mnist("test", limit=2000)[0]
+    ref = example.build()
+    ref.load_state_dict(master)
+    out = {}
+    for placement, strength in SETTINGS:
+        states = placed(m, key, master, n, placement, strength)
+        agree = []
+        for st in states:
+            model = example.build()
+            model.load_state_dict(st)
+            agree.append(fidelity.agreement(model.eval(), ref.eval(), test))
+        stats = [layer_stats(st, inputs) for st in states]
+        out[f"{placement}/{strength}"] = {"ranking": ranking(stats, [c["name"] for c in m.config["carriers"]]),
+                                         "agreement_mean": float(np.mean(agree))}
+        for k, r in out[f"{placement}/{strength}"]["ranking"].items():
+            print(f"(c) {placement:12s} {strength:<5} {k:14s} carriers on top in {r['carriers_on_top']}/{r['copies']}, "
+                  f"carriers / best other layer {r['ratio_min']:.2f}-{r['ratio_max']:.2f}; "
+                  f"agreement {np.mean(agree):.2%}", flush=True)
+    return out
+
+
 def copies(reg, m, n: int, out: Path) -> list[State]:
     """`n` buyer copies issued with the defaults (fidelity not measured: not needed here)."""
     have = [b for b in reg.buyers(m.name) if b.status == "issued"]
@@ -130,6 +175,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--samples", type=int, default=1024, help="training images for the input moments")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/detection.json"))
+    ap.add_argument("--settings", action="store_true",
+                    help="only (c): copies placed with other placements and strengths, no fine-tuning")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -139,6 +186,12 @@ def main() -> None:
         m = api.ensure_example(reg)
         carriers = [d["name"] for d in m.config["carriers"]]
         master = load_file(str(m.weights))
+        if args.settings:
+            result = {"copies": args.copies, "settings": settings(m, reg.key(m.name), master, args.copies, inputs)}
+            result.update(date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            return
         issued = copies(reg, m, args.copies, Path(tmp) / "buyers")
     result: dict = {"copies": args.copies, "carriers": carriers, "finetune": {"epochs": args.epochs, "lr": args.lr}}
     as_issued = [layer_stats(s, inputs) for s in issued]
