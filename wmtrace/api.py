@@ -400,7 +400,9 @@ def demo(
     }
 
 
-ATTACKS = ("prune", "prune-filters", "quantize", "noise", "permute", "finetune", "transfer", "overwrite", "shift")
+ATTACKS = (
+    "prune", "prune-filters", "quantize", "noise", "permute", "project", "finetune", "transfer", "overwrite", "shift"
+)
 
 
 def attack(
@@ -441,6 +443,8 @@ def attack(
         result = attacks.noise(state, strength, seed)
     elif kind == "permute":
         result = attacks.permute(state, strength, seed, rescale)
+    elif kind == "project":
+        result = attacks.project_mean(state, strength, trainer())
     elif kind == "finetune":
         info["lr"] = lr if lr is not None else 0.05
         result = attacks.finetune(state, strength, trainer(), info["lr"])

@@ -4,7 +4,7 @@ Every attack takes a state dict of torch tensors and returns a new one (the inpu
 Each states what its `strength` means. Attacks that change channels (structured pruning,
 permutation, rescaling, dummy channels) need to know which layer feeds which; they infer it from
 the state dict alone, under one assumption (see `hidden_layers`). Attacks that train
-(`finetune`, `transfer`, `overwrite`, `shift`) need the model code and data: a `module:factory` and a
+(`finetune`, `transfer`, `overwrite`, `shift`) and `project_mean` need the model code and data: a `module:factory` and a
 `module:function(split)` data entry point, the example CNN and Fashion-MNIST by default.
 """
 
@@ -571,3 +571,38 @@ def transfer(
     if report is not None:
         report["task_accuracy"] = task_accuracy(model, trainer, labels)
     return _state(model)
+
+
+# --- attacks that need data but no training --------------------------------------------------------
+
+
+def _inputs(trainer: Trainer, samples: int) -> torch.Tensor:
+    """The first `samples` training inputs: what an attacker runs through the copy."""
+    from torch.utils.data import DataLoader
+
+    return next(iter(DataLoader(trainer.data("train"), batch_size=samples)))[0]
+
+
+def project_mean(state: State, strength: float, trainer: Trainer, samples: int = 1024) -> State:
+    """Remove from every conv layer's filter mean its component in the `strength` fraction of input
+    directions the attacker's data visits least (eigenvectors of the layer's input second moments on
+    `samples` training inputs). Needs no master and no knowledge of which layers carry a mark: a mark
+    placed where the data barely looks (as activation-aware placement does, for fidelity) is removed
+    where it is cheapest to remove, while the layer's outputs on real inputs barely change."""
+    from .carriers import Carrier
+    from .embed import input_moments
+
+    if not 0.0 <= strength <= 1.0:
+        raise BadInput(f"project: strength {strength} must be a fraction in [0, 1]")
+    out = _copy(state)
+    convs = [n for n, v in state.items() if v.is_floating_point() and v.dim() == 4]
+    model = trainer.model(state).eval()
+    layers = [Carrier(n, tuple(state[n].shape), 0, 0) for n in convs]
+    found = input_moments(model, layers, _inputs(trainer, samples), 0.0)
+    for n, moments in zip(convs, found, strict=True):
+        if moments is None:
+            continue
+        w = state[n].detach().double().reshape(state[n].shape[0], -1)
+        vecs = torch.from_numpy(np.linalg.eigh(moments)[1][:, : round(strength * w.shape[1])])
+        out[n] = (w - (w.mean(0) @ vecs) @ vecs.T).reshape(state[n].shape).to(state[n].dtype)
+    return out

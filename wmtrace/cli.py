@@ -411,6 +411,18 @@ def attack_permute(
     _attack("permute", file, out_path, strength, as_json, seed=seed, rescale=rescale)
 
 
+@attack_app.command("project")
+@guarded
+def attack_project(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Fraction of input directions, least visited by the data")] = 0.75,
+    model: ModelOpt = api.EXAMPLE_FACTORY, data: DataOpt = api.EXAMPLE_DATA,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove each conv layer's filter mean in the input directions the data visits least (no training)."""
+    _attack("project", file, out_path, strength, as_json, factory=model, data=data)
+
+
 @attack_app.command("finetune")
 @guarded
 def attack_finetune(
