@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
 
 from wmtrace import align, api, attacks, example, fidelity, formats
 from wmtrace.carriers import Carrier
-from wmtrace.data import load_fashion_mnist
+from wmtrace.data import MEAN, STD, load_fashion_mnist
 from wmtrace.trace import extract, master_arrays, trace_tensors
 
 # Sweeps of the training attacks (each point is a full training run except fine-tuning, whose points are
@@ -163,10 +164,19 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
         raise SystemExit(f"unknown family {family}")
 
 
+def inverted(split: str) -> TensorDataset:
+    """Fashion-MNIST with inverted pixels (dark garments on white): data the copy has never seen."""
+    x, y = load_fashion_mnist(split)
+    return TensorDataset((1.0 - 2 * MEAN) / STD - x, y)
+
+
 def _transfer(bench: Bench, family: str, epochs: list[float], trainer: attacks.Trainer) -> None:
-    """`transfer-[last-]LR`: new head for the coarse task, snapshots of one run at each epoch count;
-    the accuracy recorded is the new task's (the example's own head is gone)."""
+    """`transfer-[last-|inverted-]LR`: new head for the coarse task, snapshots of one run at each epoch
+    count; the accuracy recorded is the new task's (the example's own head is gone). `inverted` trains
+    and evaluates on inverted images, a shifted domain that moves the features further."""
     lr, tune = float(family.rsplit("-", 1)[1]), ("last" if "-last-" in family else "all")
+    if "-inverted-" in family:
+        trainer = attacks.Trainer(example.build, inverted, seed=0)
     labels = torch.tensor(attacks.COARSE_GROUPS)
     per = trainer.steps_per_epoch()
     marks = {round(e * per): e for e in epochs}
