@@ -19,7 +19,8 @@ Compared: (a) the master against buyer copies as issued; (b) the master and the 
 the same way (same seed, same batches); and, with no reference at all, the carrier layers against the
 other conv layers of the same copy (`ranking`: whether the layers with the highest statistic are exactly
 the carriers). `--settings` instead places copies with other placements and strengths (no training)
-and reports the same ranking and their agreement with the master. Writes benchmarks/results/detection.json.
+and reports the same ranking, their agreement with the master, and the bit errors left after
+`attacks.project_mean`. Writes benchmarks/results/detection.json.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from wmtrace.trace import load_moments
 
 State = dict[str, torch.Tensor]
 # (placement, strength) for --settings; the default is activation-aware placement at 0.2.
+PROJECT = (0.25, 0.5, 0.75)  # fractions of input directions for --settings' removal attack
 SETTINGS = [("activation", 0.2), ("activation", 0.1), ("activation", 0.05), ("minimal-norm", 0.2),
             ("minimal-norm", 0.1)]
 
@@ -112,8 +114,9 @@ def ranking(copies: list[dict], carriers: list[str]) -> dict:
     return out
 
 
-def placed(m, key: bytes, master: State, n: int, placement: str, strength: float) -> list[State]:
-    """`n` copies placed as `issue` would with another placement or strength (codewords of unissued IDs)."""
+def placed(m, key: bytes, master: State, n: int, placement: str, strength: float) -> list[tuple[State, np.ndarray]]:
+    """`n` copies placed as `issue` would with another placement or strength (codewords of unissued
+    IDs), each with its codeword bits."""
     cs = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
     xs = [c.projection(key) for c in cs]
     stored = load_moments(m) if placement == "activation" else {}
@@ -123,32 +126,49 @@ def placed(m, key: bytes, master: State, n: int, placement: str, strength: float
     out = []
     for i in range(n):
         state = {k: v.clone() for k, v in master.items()}
-        embed.place(state, cs, xs, margins, codes.codeword(key, m.name, 10_000 + i, spec), maps=maps)
-        out.append(state)
+        bits = codes.codeword(key, m.name, 10_000 + i, spec)
+        embed.place(state, cs, xs, margins, bits, maps=maps)
+        out.append((state, bits))
     return out
 
 
+def bit_errors(m, key: bytes, master: State, state: State, bits: np.ndarray) -> float:
+    """Share of codeword bits whose projection of the filter-mean difference has the wrong sign."""
+    wrong = 0
+    for d in m.config["carriers"]:
+        c = carriers_mod.Carrier.from_dict(d)
+        delta = carriers_mod.statistic(state[c.name].double()) - carriers_mod.statistic(master[c.name].double())
+        soft = c.projection(key) @ delta.numpy()
+        wrong += int(((soft > 0) != bits[c.start : c.start + c.bits].astype(bool)).sum())
+    return wrong / len(bits)
+
+
 def settings(m, key: bytes, master: State, n: int, inputs: torch.Tensor) -> dict:
-    """(c) Would another placement or strength hide the carriers? Reference-free ranking and the
-    copies' top-1 agreement with the master on 2,000 test images, per setting."""
+    """(c) Would another placement or strength hide the carriers? Reference-free ranking, the copies'
+    top-1 agreement with the master on 2,000 test images, and the bit error rate left after
+    `attacks.project_mean` (the removal this visibility enables) at each of PROJECT, per setting."""
     test = load_fashion_mnist("test", limit=2000)[0]
     ref = example.build()
     ref.load_state_dict(master)
+    trainer = attacks.Trainer(example.build, example.dataset)
     out = {}
     for placement, strength in SETTINGS:
-        states = placed(m, key, master, n, placement, strength)
+        pairs = placed(m, key, master, n, placement, strength)
         agree = []
-        for st in states:
+        for st, _ in pairs:
             model = example.build()
             model.load_state_dict(st)
             agree.append(fidelity.agreement(model.eval(), ref.eval(), test))
-        stats = [layer_stats(st, inputs) for st in states]
+        ber = {str(f): [bit_errors(m, key, master, attacks.project_mean(st, f, trainer), bits) for st, bits in pairs]
+               for f in PROJECT}
+        stats = [layer_stats(st, inputs) for st, _ in pairs]
         out[f"{placement}/{strength}"] = {"ranking": ranking(stats, [c["name"] for c in m.config["carriers"]]),
-                                         "agreement_mean": float(np.mean(agree))}
+                                         "agreement_mean": float(np.mean(agree)), "ber_after_project": ber}
         for k, r in out[f"{placement}/{strength}"]["ranking"].items():
             print(f"(c) {placement:12s} {strength:<5} {k:14s} carriers on top in {r['carriers_on_top']}/{r['copies']}, "
-                  f"carriers / best other layer {r['ratio_min']:.2f}-{r['ratio_max']:.2f}; "
-                  f"agreement {np.mean(agree):.2%}", flush=True)
+                  f"carriers / best other layer {r['ratio_min']:.2f}-{r['ratio_max']:.2f}", flush=True)
+        print(f"(c) {placement:12s} {strength:<5} agreement {np.mean(agree):.2%}; BER after project "
+              + ", ".join(f"{f}: {min(v):.3f}-{max(v):.3f}" for f, v in ber.items()), flush=True)
     return out
 
 

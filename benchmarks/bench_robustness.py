@@ -238,15 +238,16 @@ def plot(rows: list[dict], path: Path) -> None:
 def markdown(rows: list[dict]) -> str:
     """The table for BENCHMARKS.md."""
     out = ["| attack | strength | verdict | right buyer | wrong buyer | BER (trimmed mean) | BER (plain mean) "
-           "| BER vs nearest other buyer | bits missing | attacker's accuracy |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| BER vs nearest other buyer | bits missing | symbol errors (12 correctable) | attacker's accuracy |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     def f(v) -> str:
         return "-" if v is None or v != v else f"{v:.3f}"
 
     for r in rows:
         out.append(f"| {r['family']} | {r['strength']} | {r['verdict']} | {'yes' if r['identified'] else 'no'} "
                    f"| {'YES' if r['wrong_buyer'] else 'no'} | {f(r['ber'])} | {f(r['ber_plain_mean'])} "
-                   f"| {f(r['ber_nearest_other_buyer'])} | {r['bits_missing']} | {r['accuracy']:.2%} |")
+                   f"| {f(r['ber_nearest_other_buyer'])} | {r['bits_missing']} "
+                   f"| {'-' if r.get('symbol_errors') is None else r['symbol_errors']} | {r['accuracy']:.2%} |")
     return "\n".join(out) + "\n"
 
 
