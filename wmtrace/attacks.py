@@ -4,8 +4,9 @@ Every attack takes a state dict of torch tensors and returns a new one (the inpu
 Each states what its `strength` means. Attacks that change channels (structured pruning,
 permutation, rescaling, dummy channels) need to know which layer feeds which; they infer it from
 the state dict alone, under one assumption (see `hidden_layers`). Attacks that train
-(`finetune`, `transfer`, `overwrite`, `shift`) and `project_mean` need the model code and data: a `module:factory` and a
-`module:function(split)` data entry point, the example CNN and Fashion-MNIST by default.
+(`finetune`, `transfer`, `overwrite`, `shift`) and `project_mean` need the model code and data: a
+`module:factory` and a `module:function(split)` data entry point, the example CNN and Fashion-MNIST
+by default.
 """
 
 from __future__ import annotations
@@ -552,10 +553,11 @@ def transfer(
     another task and the network is fine-tuned on it; `strength` is the number of epochs.
 
     The new task maps each original label `y` to `groups[y]` (default: Fashion-MNIST's ten classes
-    in four coarse groups, `COARSE_GROUPS`), so the head changes shape and the result is a different
-    model. A random head sends large gradients into the features at first, which is what makes this
-    harder on a mark than plain fine-tuning. `tune`: `all` trains every layer, `last` only the new
-    head and the last conv layer with what follows it. `report['task_accuracy']` receives the new
+    in four coarse groups, `COARSE_GROUPS`; `groups` needs an entry for every label of the data), so
+    the head changes shape and the result is a different model. The random head sends large gradients
+    into the features at first; once it has learned a task the features already solve, they move
+    less than under plain fine-tuning (BENCHMARKS.md). `tune`: `all` trains every layer, `last` only
+    the new head and the last conv layer with what follows it. `report['task_accuracy']` receives the new
     task's held-out accuracy (the attacker's cost); `callback(step, model)` runs after every step.
     """
     if strength < 0:
