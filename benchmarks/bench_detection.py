@@ -1,97 +1,235 @@
-"""Can an attacker tell which layers carry a mark? Carrier-layer statistics of buyer copies against
-copies of the master fine-tuned exactly the same way without a mark.
+"""Can an attacker who holds only a buyer copy tell which layers carry the mark?
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_detection.py [--registry DIR] [--copies 4]
+    OMP_NUM_THREADS=1 python benchmarks/bench_detection.py [--registry DIR] [--copies 3] [--epochs 1 --lr 0.01]
 
-Wang & Kerschbaum showed that Uchida et al.'s embedding raises the variance of the marked weights.
-Marked copy: what `wmtrace issue` makes (closed-form placement + distillation repair under the hinge
-regularizer). Unmarked twin: the same distillation repair, same batches, no placement and no
-regularizer. For each carrier layer we compare what an attacker can compute without the master: the
-weights' std and excess kurtosis, the spread (std) of the per-filter means, and the RMS of Uchida's
-statistic (mean over filters). Writes benchmarks/results/detection.json.
+Wang & Kerschbaum showed that Uchida et al.'s embedding raises the variance of the marked weights. Copies
+are what `wmtrace issue` makes by default (closed-form placement, no training). For every conv layer we
+compute statistics that need no master, only the weights and, for the last two, the attacker's own
+training images run through the copy:
+
+- `std`, `kurtosis` (excess): the weight distribution;
+- `filter_mean_spread`: std over filters of each filter's mean weight;
+- `mean_rms_rel`: RMS of the mean over filters (Uchida's statistic) over the RMS of the weights;
+- `coherence`: `mean_rms_rel * sqrt(filters)`, about 1 when filters are independent and zero-mean;
+- `low_share`: share of the filter mean's energy in the half of the layer's input directions that the
+  data visits least (eigenvectors of the input second moments on 1,024 training images);
+- `low_coherence`: `coherence` within that half: filters x |P mean|^2 / mean over filters of |P w_i|^2.
+
+Compared: (a) the master against buyer copies as issued; (b) the master and the copies each fine-tuned
+the same way (same seed, same batches); and, with no reference at all, the carrier layers against the
+other conv layers of the same copy (`ranking`: whether the layers with the highest statistic are exactly
+the carriers). `--settings` instead places copies with other placements and strengths (no training)
+and reports the same ranking, their agreement with the master, and the bit errors left after
+`attacks.project_mean`. Writes benchmarks/results/detection.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from wmtrace import api, carriers, codes, embed
+from wmtrace import api, attacks, codes, embed, example, fidelity
+from wmtrace import carriers as carriers_mod
+from wmtrace.carriers import Carrier
+from wmtrace.data import load_fashion_mnist
+from wmtrace.trace import load_moments
+
+State = dict[str, torch.Tensor]
+# (placement, strength) for --settings; the default is activation-aware placement at 0.2.
+PROJECT = (0.25, 0.5, 0.75)  # fractions of input directions for --settings' removal attack
+SETTINGS = [("activation", 0.2), ("activation", 0.1), ("activation", 0.05), ("minimal-norm", 0.2),
+            ("minimal-norm", 0.1)]
 
 
-def stats(w: torch.Tensor) -> dict[str, float]:
-    a = w.detach().double().flatten()
-    z = (a - a.mean()) / a.std()
+def weight_stats(w: torch.Tensor) -> dict[str, float]:
+    """What the weights alone show."""
     rows = w.detach().double().reshape(w.shape[0], -1)
+    a = rows.flatten()
+    z = (a - a.mean()) / a.std()
+    rel = float(rows.mean(0).pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
     return {
         "std": float(a.std()),
         "kurtosis": float((z**4).mean() - 3.0),
         "filter_mean_spread": float(rows.mean(1).std()),
-        "statistic_rms": float(rows.mean(0).pow(2).mean().sqrt()),
+        "mean_rms_rel": rel,
+        "coherence": rel * math.sqrt(rows.shape[0]),
     }
+
+
+def data_stats(w: torch.Tensor, moments: np.ndarray) -> dict[str, float]:
+    """Where the filter mean lies among the layer's input directions, least visited half first."""
+    rows = w.detach().double().reshape(w.shape[0], -1)
+    _, vecs = np.linalg.eigh(moments)
+    low = torch.from_numpy(vecs[:, : vecs.shape[1] // 2])
+    mean_low = (rows.mean(0) @ low).pow(2).sum()
+    return {
+        "low_share": float(mean_low / rows.mean(0).pow(2).sum()),
+        "low_coherence": float(rows.shape[0] * mean_low / (rows @ low).pow(2).sum(1).mean()),
+    }
+
+
+def layer_stats(state: State, inputs: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Every statistic for every conv layer of one model."""
+    convs = [k for k, v in state.items() if v.is_floating_point() and v.dim() == 4]
+    model = example.build()
+    model.load_state_dict(state)
+    found = embed.input_moments(model, [Carrier(n, tuple(state[n].shape), 0, 0) for n in convs], inputs, 0.0)
+    return {n: {**weight_stats(state[n]), **data_stats(state[n], mt)} for n, mt in zip(convs, found, strict=True)}
+
+
+def compare(master: dict, copies: list[dict]) -> dict:
+    """Per layer and statistic: master, copies' mean and spread, relative change."""
+    out: dict = {}
+    for layer, stats in master.items():
+        for k, ref in stats.items():
+            vals = np.array([c[layer][k] for c in copies])
+            out[f"{layer}/{k}"] = {
+                "master": ref, "copies_mean": float(vals.mean()),
+                "copies_std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                "relative_change": float((vals.mean() - ref) / abs(ref)),
+            }
+    return out
+
+
+def ranking(copies: list[dict], carriers: list[str]) -> dict:
+    """With no reference: per statistic, in how many copies the layers scoring highest are exactly the
+    carriers, and the carriers' lowest value over the other layers' highest (> 1: they stand out)."""
+    out = {}
+    for k in ("mean_rms_rel", "coherence", "low_share", "low_coherence", "std"):
+        hits, ratios = 0, []
+        for c in copies:
+            order = sorted(c, key=lambda n: c[n][k], reverse=True)
+            hits += set(order[: len(carriers)]) == set(carriers)
+            ratios.append(min(c[n][k] for n in carriers) / max(c[n][k] for n in c if n not in carriers))
+        out[k] = {"carriers_on_top": hits, "copies": len(copies), "ratio_min": float(min(ratios)),
+                  "ratio_max": float(max(ratios))}
+    return out
+
+
+def placed(m, key: bytes, master: State, n: int, placement: str, strength: float) -> list[tuple[State, np.ndarray]]:
+    """`n` copies placed as `issue` would with another placement or strength (codewords of unissued
+    IDs), each with its codeword bits."""
+    cs = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
+    xs = [c.projection(key) for c in cs]
+    stored = load_moments(m) if placement == "activation" else {}
+    maps = [carriers_mod.embedding_map(x, stored.get(c.name)) for c, x in zip(cs, xs, strict=True)]
+    margins = [embed.margin(master[c.name], c, strength) for c in cs]
+    spec = codes.CodeSpec(**m.config["code"])
+    out = []
+    for i in range(n):
+        state = {k: v.clone() for k, v in master.items()}
+        bits = codes.codeword(key, m.name, 10_000 + i, spec)
+        embed.place(state, cs, xs, margins, bits, maps=maps)
+        out.append((state, bits))
+    return out
+
+
+def bit_errors(m, key: bytes, master: State, state: State, bits: np.ndarray) -> float:
+    """Share of codeword bits whose projection of the filter-mean difference has the wrong sign."""
+    wrong = 0
+    for d in m.config["carriers"]:
+        c = carriers_mod.Carrier.from_dict(d)
+        delta = carriers_mod.statistic(state[c.name].double()) - carriers_mod.statistic(master[c.name].double())
+        soft = c.projection(key) @ delta.numpy()
+        wrong += int(((soft > 0) != bits[c.start : c.start + c.bits].astype(bool)).sum())
+    return wrong / len(bits)
+
+
+def settings(m, key: bytes, master: State, n: int, inputs: torch.Tensor) -> dict:
+    """(c) Would another placement or strength hide the carriers? Reference-free ranking, the copies'
+    top-1 agreement with the master on 2,000 test images, and the bit error rate left after
+    `attacks.project_mean` (the removal this visibility enables) at each of PROJECT, per setting."""
+    test = load_fashion_mnist("test", limit=2000)[0]
+    ref = example.build()
+    ref.load_state_dict(master)
+    trainer = attacks.Trainer(example.build, example.dataset)
+    out = {}
+    for placement, strength in SETTINGS:
+        pairs = placed(m, key, master, n, placement, strength)
+        agree = []
+        for st, _ in pairs:
+            model = example.build()
+            model.load_state_dict(st)
+            agree.append(fidelity.agreement(model.eval(), ref.eval(), test))
+        ber = {str(f): [bit_errors(m, key, master, attacks.project_mean(st, f, trainer), bits) for st, bits in pairs]
+               for f in PROJECT}
+        stats = [layer_stats(st, inputs) for st, _ in pairs]
+        out[f"{placement}/{strength}"] = {"ranking": ranking(stats, [c["name"] for c in m.config["carriers"]]),
+                                         "agreement_mean": float(np.mean(agree)), "ber_after_project": ber}
+        for k, r in out[f"{placement}/{strength}"]["ranking"].items():
+            print(f"(c) {placement:12s} {strength:<5} {k:14s} carriers on top in {r['carriers_on_top']}/{r['copies']}, "
+                  f"carriers / best other layer {r['ratio_min']:.2f}-{r['ratio_max']:.2f}", flush=True)
+        print(f"(c) {placement:12s} {strength:<5} agreement {np.mean(agree):.2%}; BER after project "
+              + ", ".join(f"{f}: {min(v):.3f}-{max(v):.3f}" for f, v in ber.items()), flush=True)
+    return out
+
+
+def copies(reg, m, n: int, out: Path) -> list[State]:
+    """`n` buyer copies issued with the defaults (fidelity not measured: not needed here)."""
+    have = [b for b in reg.buyers(m.name) if b.status == "issued"]
+    if len(have) < n:
+        have += api.issue(reg, buyers=n - len(have), out=out, master=m.name, eval_samples=0)
+    return [load_file(b.file) for b in have[:n]]
+
+
+def show(title: str, table: dict) -> None:
+    print(title)
+    for key, s in table.items():
+        print(f"  {key:34s} master {s['master']:.5g}  copies {s['copies_mean']:.5g} +- {s['copies_std']:.2g}  "
+              f"change {s['relative_change']:+.1%}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--registry", type=Path)
-    ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--registry", type=Path, help="registry with the example master (else a temporary one)")
+    ap.add_argument("--copies", type=int, default=3)
+    ap.add_argument("--epochs", type=float, default=1.0, help="fine-tuning of master and copies in (b)")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--samples", type=int, default=1024, help="training images for the input moments")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/detection.json"))
+    ap.add_argument("--settings", action="store_true",
+                    help="only (c): copies placed with other placements and strengths, no fine-tuning")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
+    inputs = load_fashion_mnist("train", limit=args.samples)[0]
     with tempfile.TemporaryDirectory() as tmp:
         reg = api.open_registry(args.registry or Path(tmp) / "registry", create=True)
         m = api.ensure_example(reg)
-        key = reg.key(m.name)
-        master = api.build_model(m)
-        state0 = {k: v.clone() for k, v in master.state_dict().items()}
-        cfg = embed.EmbedConfig(**m.config["embed"])
-        cs = [carriers.Carrier.from_dict(d) for d in m.config["carriers"]]
-        margins = [d["margin"] for d in m.config["carriers"]]
-        xs = [c.projection(key) for c in cs]
-        spec = codes.CodeSpec(**m.config["code"])
-        train = api._dataset(m.data, "train")
-        groups: dict[str, list[dict]] = {"marked": [], "unmarked": []}
-        for i in range(args.copies):
-            bits = codes.codeword(key, m.name, 10_000 + i, spec)
-            for group in groups:
-                state = {k: v.clone() for k, v in state0.items()}
-                if group == "marked":
-                    embed.place(state, cs, xs, margins, bits)
-                model = api.import_object(m.factory)()
-                model.load_state_dict(state)
-                c = cfg if group == "marked" else replace(cfg, lam=0.0)
-                embed.repair(model, master, api._batches(train, c.batch_size, seed=i), cs, xs, margins, bits, c)
-                params = dict(model.named_parameters())
-                groups[group].append({cr.name: stats(params[cr.name]) for cr in cs})
-        master_stats = {cr.name: stats(state0[cr.name]) for cr in cs}
-    summary = {}
-    for cr in cs:
-        for k in master_stats[cr.name]:
-            mk = np.array([g[cr.name][k] for g in groups["marked"]])
-            un = np.array([g[cr.name][k] for g in groups["unmarked"]])
-            spread = float(un.std(ddof=1)) if len(un) > 1 else float("nan")
-            summary[f"{cr.name}/{k}"] = {
-                "master": master_stats[cr.name][k],
-                "unmarked_mean": float(un.mean()), "unmarked_std": spread,
-                "marked_mean": float(mk.mean()), "marked_std": float(mk.std(ddof=1)) if len(mk) > 1 else float("nan"),
-                "relative_change": float((mk.mean() - un.mean()) / abs(un.mean())),
-                "z": float((mk.mean() - un.mean()) / spread) if spread > 0 else float("inf"),
-            }
-            s = summary[f"{cr.name}/{k}"]
-            print(f"{cr.name:20s} {k:18s} unmarked {s['unmarked_mean']:.5g} +- {s['unmarked_std']:.2g}  "
-                  f"marked {s['marked_mean']:.5g} +- {s['marked_std']:.2g}  "
-                  f"change {s['relative_change']:+.2%}", flush=True)
+        carriers = [d["name"] for d in m.config["carriers"]]
+        master = load_file(str(m.weights))
+        if args.settings:
+            result = {"copies": args.copies, "settings": settings(m, reg.key(m.name), master, args.copies, inputs)}
+            result.update(date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            return
+        issued = copies(reg, m, args.copies, Path(tmp) / "buyers")
+    result: dict = {"copies": args.copies, "carriers": carriers, "finetune": {"epochs": args.epochs, "lr": args.lr}}
+    as_issued = [layer_stats(s, inputs) for s in issued]
+    result["issued"] = compare(layer_stats(master, inputs), as_issued)
+    result["issued_ranking"] = ranking(as_issued, carriers)
+    show("(a) master against copies as issued", result["issued"])
+    trainer = attacks.Trainer(example.build, example.dataset, seed=0)  # same batches for every model
+    tuned = [layer_stats(attacks.finetune(s, args.epochs, trainer, args.lr), inputs) for s in issued]
+    result["finetuned"] = compare(layer_stats(attacks.finetune(master, args.epochs, trainer, args.lr), inputs), tuned)
+    result["finetuned_ranking"] = ranking(tuned, carriers)
+    show(f"(b) master and copies fine-tuned {args.epochs} epoch(s) at lr {args.lr}", result["finetuned"])
+    for what in ("issued_ranking", "finetuned_ranking"):
+        for k, r in result[what].items():
+            print(f"{what:18s} {k:14s} carriers on top in {r['carriers_on_top']}/{r['copies']} copies, "
+                  f"carriers / best other layer {r['ratio_min']:.2f}-{r['ratio_max']:.2f}")
+    result.update(date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1), torch=torch.__version__)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"copies": args.copies, "seconds": round(time.time() - t0, 1),
-                                    "date": time.strftime("%Y-%m-%d"), "stats": summary}, indent=1) + "\n")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

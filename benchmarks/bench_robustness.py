@@ -6,8 +6,8 @@ For each attacked copy of one issued buyer: the bit error rate against that buye
 error correction (over the bits still present; also with a plain mean over filters instead of the
 trimmed mean, to compare extractions), the verdict, whether the right buyer was named, whether a
 wrong one was (never expected), and the attacker's test accuracy on the 10,000 Fashion-MNIST test
-images. Writes benchmarks/results/robustness.{csv,json} and robustness.png (needs the `report`
-extra: matplotlib).
+images (for `transfer`, on the attacker's new task: the same images in four coarse groups). Writes
+benchmarks/results/robustness.{csv,json} and robustness.png (needs the `report` extra: matplotlib).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
 
 from wmtrace import align, api, attacks, example, fidelity, formats
 from wmtrace.carriers import Carrier
-from wmtrace.data import load_fashion_mnist
+from wmtrace.data import MEAN, STD, load_fashion_mnist
 from wmtrace.trace import extract, master_arrays, trace_tensors
 
 # Sweeps of the training attacks (each point is a full training run except fine-tuning, whose points are
@@ -36,7 +37,8 @@ OVERWRITE_STEPS = [25, 50, 100, 300]
 SHIFTS = [0.1, 0.3, 1.0, 3.0]
 SHIFT_STEPS = 200
 FAMILIES = ["prune-global", "prune-layer", "prune-random", "prune-filters", "prune-filters-all", "quantize",
-            "onnx", "noise", "permute", "finetune-0.05", "finetune-0.01", "overwrite", "shift"]
+            "onnx", "noise", "permute", "project", "finetune-0.05", "finetune-0.01", "transfer-0.05", "transfer-0.01",
+            "transfer-last-0.05", "overwrite", "shift"]
 
 
 class Bench:
@@ -132,6 +134,9 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
     elif family == "permute":
         for a in [0.0, 0.25, 0.5, 1.0]:
             bench.record(family, a, attacks.permute(s, a, seed=1))
+    elif family == "project":
+        for a in [0.1, 0.25, 0.5, 0.75, 0.9]:
+            bench.record(family, a, attacks.project_mean(s, a, trainer))
     elif family.startswith("finetune"):
         lr = float(family.split("-")[1])
         epochs = [0.1, 0.5] if quick else EPOCHS
@@ -145,6 +150,8 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
                 model.train()
 
         attacks.finetune(s, max(epochs), trainer, lr, callback=snap)
+    elif family.startswith("transfer"):
+        _transfer(bench, family, [0.1, 0.5] if quick else EPOCHS, trainer)
     elif family == "overwrite":
         for steps in ([50] if quick else OVERWRITE_STEPS):
             report: dict = {}
@@ -155,6 +162,33 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
             bench.record(family, a, attacks.shift(s, a, trainer, steps=SHIFT_STEPS), steps=SHIFT_STEPS)
     else:
         raise SystemExit(f"unknown family {family}")
+
+
+def inverted(split: str) -> TensorDataset:
+    """Fashion-MNIST with inverted pixels (dark garments on white): data the copy has never seen."""
+    x, y = load_fashion_mnist(split)
+    return TensorDataset((1.0 - 2 * MEAN) / STD - x, y)
+
+
+def _transfer(bench: Bench, family: str, epochs: list[float], trainer: attacks.Trainer) -> None:
+    """`transfer-[last-|inverted-]LR`: new head for the coarse task, snapshots of one run at each epoch
+    count; the accuracy recorded is the new task's (the example's own head is gone). `inverted` trains
+    and evaluates on inverted images, a shifted domain that moves the features further."""
+    lr, tune = float(family.rsplit("-", 1)[1]), ("last" if "-last-" in family else "all")
+    if "-inverted-" in family:
+        trainer = attacks.Trainer(example.build, inverted, seed=0)
+    labels = torch.tensor(attacks.COARSE_GROUPS)
+    per = trainer.steps_per_epoch()
+    marks = {round(e * per): e for e in epochs}
+
+    def snap(step, model):
+        if step in marks:
+            acc = attacks.task_accuracy(model, trainer, labels)
+            bench.record(family, marks[step], {k: v.detach().clone() for k, v in model.state_dict().items()},
+                         accuracy=acc, lr=lr, tune=tune)
+            model.train()
+
+    attacks.transfer(bench.state, max(epochs), trainer, lr, tune, callback=snap)
 
 
 def _onnx_accuracy(path: Path, bench: Bench) -> float:
@@ -204,15 +238,16 @@ def plot(rows: list[dict], path: Path) -> None:
 def markdown(rows: list[dict]) -> str:
     """The table for BENCHMARKS.md."""
     out = ["| attack | strength | verdict | right buyer | wrong buyer | BER (trimmed mean) | BER (plain mean) "
-           "| BER vs nearest other buyer | bits missing | attacker's accuracy |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| BER vs nearest other buyer | bits missing | symbol errors (12 correctable) | attacker's accuracy |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     def f(v) -> str:
         return "-" if v is None or v != v else f"{v:.3f}"
 
     for r in rows:
         out.append(f"| {r['family']} | {r['strength']} | {r['verdict']} | {'yes' if r['identified'] else 'no'} "
                    f"| {'YES' if r['wrong_buyer'] else 'no'} | {f(r['ber'])} | {f(r['ber_plain_mean'])} "
-                   f"| {f(r['ber_nearest_other_buyer'])} | {r['bits_missing']} | {r['accuracy']:.2%} |")
+                   f"| {f(r['ber_nearest_other_buyer'])} | {r['bits_missing']} "
+                   f"| {'-' if r.get('symbol_errors') is None else r['symbol_errors']} | {r['accuracy']:.2%} |")
     return "\n".join(out) + "\n"
 
 

@@ -473,7 +473,9 @@ def demo(
     }
 
 
-ATTACKS = ("prune", "prune-filters", "quantize", "noise", "permute", "finetune", "overwrite", "shift")
+ATTACKS = (
+    "prune", "prune-filters", "quantize", "noise", "permute", "project", "finetune", "transfer", "overwrite", "shift"
+)
 
 
 def attack(
@@ -514,9 +516,15 @@ def attack(
         result = attacks.noise(state, strength, seed)
     elif kind == "permute":
         result = attacks.permute(state, strength, seed, rescale)
+    elif kind == "project":
+        result = attacks.project_mean(state, strength, trainer())
     elif kind == "finetune":
         info["lr"] = lr if lr is not None else 0.05
         result = attacks.finetune(state, strength, trainer(), info["lr"])
+    elif kind == "transfer":
+        info["lr"] = lr if lr is not None else 0.01
+        info["mode"] = mode or "all"
+        result = attacks.transfer(state, strength, trainer(), info["lr"], info["mode"], report=info)
     elif kind == "overwrite":
         info["lr"] = lr if lr is not None else 0.01
         result = attacks.overwrite(state, strength, trainer(), lr=info["lr"], report=info)

@@ -4,8 +4,9 @@ Every attack takes a state dict of torch tensors and returns a new one (the inpu
 Each states what its `strength` means. Attacks that change channels (structured pruning,
 permutation, rescaling, dummy channels) need to know which layer feeds which; they infer it from
 the state dict alone, under one assumption (see `hidden_layers`). Attacks that train
-(`finetune`, `overwrite`, `shift`) need the model code and data: a `module:factory` and a
-`module:function(split)` data entry point, the example CNN and Fashion-MNIST by default.
+(`finetune`, `transfer`, `overwrite`, `shift`) and `project_mean` need the model code and data: a
+`module:factory` and a `module:function(split)` data entry point, the example CNN and Fashion-MNIST
+by default.
 """
 
 from __future__ import annotations
@@ -418,16 +419,23 @@ class Trainer:
         return max(1, len(self.data("train")) // self.batch_size)
 
 
-def _train(model: nn.Module, trainer: Trainer, steps: int, lr: float, extra=None, callback=None) -> nn.Module:
+def _train(
+    model: nn.Module, trainer: Trainer, steps: int, lr: float, extra=None, callback=None,
+    labels: torch.Tensor | None = None, params: list[nn.Parameter] | None = None,
+) -> nn.Module:
     """Plain SGD (Nesterov momentum 0.9, weight decay 5e-4, as the example master), BatchNorm in
     train mode, constant learning rate; `extra(model)` adds a loss term; `callback(step, model)`
-    runs after every step (to snapshot a sweep from one run)."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    runs after every step (to snapshot a sweep from one run); `labels` maps the data's labels to
+    another task's; `params` limits training to those parameters (default: all)."""
+    trained = list(model.parameters()) if params is None else params
+    opt = torch.optim.SGD(trained, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     model.train()
     batches = trainer.batches()
     for step in range(steps):
         batch = next(batches)
         x, y = batch[0], batch[1]
+        if labels is not None:
+            y = labels[y]
         loss = F.cross_entropy(model(x), y)
         if extra is not None:
             loss = loss + extra(model)
@@ -507,3 +515,116 @@ def shift(state: State, strength: float, trainer: Trainer, steps: int = 200, lr:
         out[n] = w.clone()
         out[n][r] += (strength * w.shape[0] * float(w.float().std()) * u).to(w.dtype)
     return _state(_train(trainer.model(out), trainer, steps, lr))
+
+
+# Fashion-MNIST's ten classes in four coarse groups: tops (T-shirt, pullover, coat, shirt), one-piece
+# and lower garments (trouser, dress), footwear (sandal, sneaker, ankle boot), bags.
+COARSE_GROUPS = (0, 1, 0, 1, 0, 2, 0, 2, 3, 2)
+TRANSFER_TUNE = ("all", "last")
+
+
+def _head(model: nn.Module) -> str:
+    """The classifier to replace: the model's last linear layer."""
+    names = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    if not names:
+        raise BadInput("transfer: the model has no linear layer to replace with a new head")
+    return names[-1]
+
+
+def _new_head(model: nn.Module, classes: int, seed: int) -> str:
+    """Replace the last linear layer by a freshly initialised one with `classes` outputs."""
+    name = _head(model)
+    old = model.get_submodule(name)
+    with torch.random.fork_rng():  # a reproducible head without touching the caller's random state
+        torch.manual_seed(seed)
+        head = nn.Linear(old.in_features, classes, bias=old.bias is not None)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, head)
+    return name
+
+
+def _last_layers(model: nn.Module, head: str) -> list[nn.Parameter]:
+    """The new head, the last conv layer and every module after it (its BatchNorm): what a transfer
+    learner trains when the early features are kept frozen."""
+    modules = list(model.named_modules())
+    convs = [i for i, (_, mod) in enumerate(modules) if isinstance(mod, nn.Conv2d)]
+    start = convs[-1] if convs else [n for n, _ in modules].index(head)
+    return [p for _, mod in modules[start:] for p in mod.parameters(recurse=False)]
+
+
+def task_accuracy(model: nn.Module, trainer: Trainer, labels: torch.Tensor, batch: int = 1000) -> float:
+    """Top-1 accuracy on the attacker's new task, over the held-out split."""
+    from torch.utils.data import DataLoader
+
+    right = total = 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in DataLoader(trainer.data("test"), batch_size=batch):
+            right += int((model(x).argmax(1) == labels[y]).sum())
+            total += len(y)
+    return right / max(total, 1)
+
+
+def transfer(
+    state: State, strength: float, trainer: Trainer, lr: float = 0.01, tune: str = "all",
+    groups: tuple[int, ...] = COARSE_GROUPS, report: dict | None = None, callback=None,
+) -> State:
+    """Transfer learning: the classifier head is replaced by a new, randomly initialised one for
+    another task and the network is fine-tuned on it; `strength` is the number of epochs.
+
+    The new task maps each original label `y` to `groups[y]` (default: Fashion-MNIST's ten classes
+    in four coarse groups, `COARSE_GROUPS`; `groups` needs an entry for every label of the data), so
+    the head changes shape and the result is a different model. The random head sends large gradients
+    into the features at first; once it has learned a task the features already solve, they move
+    less than under plain fine-tuning (BENCHMARKS.md). `tune`: `all` trains every layer, `last` only
+    the new head and the last conv layer with what follows it. `report['task_accuracy']` receives the new
+    task's held-out accuracy (the attacker's cost); `callback(step, model)` runs after every step.
+    """
+    if strength < 0:
+        raise BadInput(f"transfer: strength {strength} (epochs) must be >= 0")
+    if tune not in TRANSFER_TUNE:
+        raise BadInput(f"transfer: tune {tune!r}: use one of {', '.join(TRANSFER_TUNE)}")
+    labels = torch.tensor(groups, dtype=torch.long)
+    model = trainer.model(state)
+    head = _new_head(model, int(labels.max()) + 1, trainer.seed)
+    params = _last_layers(model, head) if tune == "last" else None
+    steps = round(strength * trainer.steps_per_epoch())
+    _train(model, trainer, steps, lr, callback=callback, labels=labels, params=params)
+    if report is not None:
+        report["task_accuracy"] = task_accuracy(model, trainer, labels)
+    return _state(model)
+
+
+# --- attacks that need data but no training --------------------------------------------------------
+
+
+def _inputs(trainer: Trainer, samples: int) -> torch.Tensor:
+    """The first `samples` training inputs: what an attacker runs through the copy."""
+    from torch.utils.data import DataLoader
+
+    return next(iter(DataLoader(trainer.data("train"), batch_size=samples)))[0]
+
+
+def project_mean(state: State, strength: float, trainer: Trainer, samples: int = 1024) -> State:
+    """Remove from every conv layer's filter mean its component in the `strength` fraction of input
+    directions the attacker's data visits least (eigenvectors of the layer's input second moments on
+    `samples` training inputs). Needs no master and no knowledge of which layers carry a mark: a mark
+    placed where the data barely looks (as activation-aware placement does, for fidelity) is removed
+    where it is cheapest to remove, while the layer's outputs on real inputs barely change."""
+    from .carriers import Carrier
+    from .embed import input_moments
+
+    if not 0.0 <= strength <= 1.0:
+        raise BadInput(f"project: strength {strength} must be a fraction in [0, 1]")
+    out = _copy(state)
+    convs = [n for n, v in state.items() if v.is_floating_point() and v.dim() == 4]
+    model = trainer.model(state).eval()
+    layers = [Carrier(n, tuple(state[n].shape), 0, 0) for n in convs]
+    found = input_moments(model, layers, _inputs(trainer, samples), 0.0)
+    for n, moments in zip(convs, found, strict=True):
+        if moments is None:
+            continue
+        w = state[n].detach().double().reshape(state[n].shape[0], -1)
+        vecs = torch.from_numpy(np.linalg.eigh(moments)[1][:, : round(strength * w.shape[1])])
+        out[n] = (w - (w.mean(0) @ vecs) @ vecs.T).reshape(state[n].shape).to(state[n].dtype)
+    return out

@@ -369,7 +369,7 @@ def _attack(kind: str, file: Path, out_path: Path, strength: float, as_json: boo
     if as_json:
         _emit(info)
         return
-    extra = "".join(f", {k} {info[k]}" for k in ("mode", "lr", "steps", "attacker_ber") if k in info)
+    extra = "".join(f", {k} {info[k]}" for k in ("mode", "lr", "steps", "attacker_ber", "task_accuracy") if k in info)
     out.print(f"{kind} (strength {strength}{extra}): {file} -> {out_path}")
     if info["shapes_changed"]:
         out.print(f"  shapes changed: {', '.join(info['shapes_changed'])}")
@@ -433,6 +433,18 @@ def attack_permute(
     _attack("permute", file, out_path, strength, as_json, seed=seed, rescale=rescale)
 
 
+@attack_app.command("project")
+@guarded
+def attack_project(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Fraction of input directions, least visited by the data")] = 0.75,
+    model: ModelOpt = api.EXAMPLE_FACTORY, data: DataOpt = api.EXAMPLE_DATA,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove each conv layer's filter mean in the input directions the data visits least (no training)."""
+    _attack("project", file, out_path, strength, as_json, factory=model, data=data)
+
+
 @attack_app.command("finetune")
 @guarded
 def attack_finetune(
@@ -444,6 +456,20 @@ def attack_finetune(
 ) -> None:
     """Fine-tune on the task without any regularizer."""
     _attack("finetune", file, out_path, strength, as_json, lr=lr, factory=model, data=data, seed=seed)
+
+
+@attack_app.command("transfer")
+@guarded
+def attack_transfer(
+    file: FileArg, out_path: OutOpt,
+    strength: Annotated[float, typer.Option(help="Epochs of fine-tuning on the new task (fractions allowed)")] = 1.0,
+    lr: Annotated[float, typer.Option(help="Learning rate (SGD, Nesterov momentum 0.9)")] = 0.01,
+    tune: Annotated[str, typer.Option(help="all (every layer) | last (new head + last conv layer)")] = "all",
+    model: ModelOpt = api.EXAMPLE_FACTORY, data: DataOpt = api.EXAMPLE_DATA,
+    seed: SeedOpt = 0, as_json: JsonOpt = False,
+) -> None:
+    """Transfer learning: new head for another task (the labels in 4 coarse groups), then fine-tune."""
+    _attack("transfer", file, out_path, strength, as_json, lr=lr, mode=tune, factory=model, data=data, seed=seed)
 
 
 @attack_app.command("overwrite")
