@@ -81,6 +81,9 @@ def _attacks(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.
     out += [(f"noise {s}", attacks.noise(state, s)) for s in (0.05, 0.1, 0.2, 0.4)]
     projections = [k for k in state if k.endswith("output.dense.weight")]
     out.append(("center output projections", attacks.center(state, projections)))
+    heads = minilm.build().config.num_attention_heads
+    out += [(f"permute attention heads, q/k rescaled (log-std {s})", attacks.permute_attention(state, heads, s))
+            for s in (0.0, 1.0)]
     return out
 
 

@@ -96,6 +96,20 @@ def test_centering_rows_before_layernorm_changes_nothing_and_the_buyer_is_still_
     assert result.verdict == "identified" and result.buyer["id"] == buyers[0].id
 
 
+def test_reordered_and_rescaled_attention_changes_nothing_and_the_buyer_is_still_named(tiny, tmp_path):
+    root, _, buyers = tiny
+    state = load_file(buyers[1].file)
+    obfuscated = attacks.permute_attention(state, heads=4, strength=1.0, seed=2)
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(obfuscated[name], state[name])
+    texts = minilm.small_dataset("test")[:64]
+    assert F.cosine_similarity(_embeddings(state, texts), _embeddings(obfuscated, texts)).min() > 0.9999
+    formats.save_safetensors(obfuscated, tmp_path / "obfuscated.safetensors")
+    with api.open_registry(root / "registry") as reg:
+        result = api.trace(tmp_path / "obfuscated.safetensors", reg)
+    assert result.verdict == "identified" and result.buyer["id"] == buyers[1].id
+
+
 def test_fp16_master_in_a_sharded_folder_gives_fp16_sharded_copies(tiny, tmp_path):
     root, _, _ = tiny
     state = {k: v.half() for k, v in load_file(root / "tiny.safetensors").items()}

@@ -384,6 +384,44 @@ def center(state: State, layers: list[str]) -> State:
     return out
 
 
+def permute_attention(state: State, heads: int, strength: float = 1.0, seed: int = 0) -> State:
+    """Function-preserving obfuscation of self-attention (BERT names: `attention.self.query`, `key`,
+    `value`, `attention.output.dense`): heads reordered (rows of q, k, v in blocks, the output
+    projection's columns with them), the dimensions within each head permuted alike in q and k, and
+    each q dimension scaled by a positive factor that k's undoes, so every attention score is
+    unchanged. `strength` is the log-std of those factors (0: permutations only)."""
+    if strength < 0:
+        raise BadInput(f"permute-attention: strength {strength} must be >= 0")
+    g = torch.Generator().manual_seed(seed)
+    out = _copy(state)
+    suffix = "query.weight"
+    blocks = [k[: -len(suffix)] for k in state if k.endswith("attention.self." + suffix)]
+    if not blocks:
+        raise BadInput("permute-attention: no BERT-style self-attention (attention.self.query.weight) in this model")
+    for p in blocks:
+        o = p.removesuffix("self.") + "output.dense.weight"
+        d = state[p + suffix].shape[0]
+        if d % heads or o not in state:
+            raise BadInput(f"permute-attention: {p}query has {d} rows, not {heads} heads of equal size")
+        size = d // heads
+        order = torch.randperm(heads, generator=g)
+        within = torch.stack([torch.randperm(size, generator=g) for _ in range(heads)])
+        qk = (order[:, None] * size + within[order]).reshape(-1)
+        v = (order[:, None] * size + torch.arange(size)).reshape(-1)
+        scale = torch.exp(strength * torch.randn(d, generator=g))
+        for name, idx, factor in (("query", qk, scale), ("key", qk, 1.0 / scale), ("value", v, None)):
+            for leaf in ("weight", "bias"):
+                t = state.get(f"{p}{name}.{leaf}")
+                if t is None:
+                    continue
+                t = t[idx]
+                if factor is not None:
+                    t = t * (factor[:, None] if leaf == "weight" else factor).to(t.dtype)
+                out[f"{p}{name}.{leaf}"] = t
+        out[o] = state[o][:, v]
+    return out
+
+
 # --- attacks that train ----------------------------------------------------------------------------
 
 
