@@ -187,3 +187,24 @@ def test_cli_registers_an_encoder_and_traces_its_copy(tmp_path):
     r = runner.invoke(app, ["init", "--name", "bad", "--weights", str(weights), "--model", TINY, "--data", TEXTS,
                             "--output", "embedding", "--strength", "2", *reg])
     assert r.exit_code == 2 and "--strength 2" in r.output and "Traceback" not in r.output
+
+
+def test_attack_commands_for_transformers(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from wmtrace.cli import app
+
+    root, _, buyers = tiny
+    runner = CliRunner()
+    reg = ["--registry", str(root / "registry")]
+    out = tmp_path / "attention.safetensors"
+    r = runner.invoke(app, ["attack", "permute-attention", buyers[0].file, "--heads", "4", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["trace", str(out), "--json", *reg])
+    assert r.exit_code == 0 and json.loads(r.stdout)["buyer"]["id"] == buyers[0].id
+    r = runner.invoke(app, ["attack", "permute-attention", buyers[0].file, "--heads", "5", "-o", str(out)])
+    assert r.exit_code == 2 and "not 5 heads" in r.output
+    layer = "encoder.layer.1.output.dense.weight"
+    r = runner.invoke(app, ["attack", "center", buyers[0].file, "--layer", layer, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert load_file(out)[layer].mean(0).abs().max() < 1e-6

@@ -474,7 +474,8 @@ def demo(
 
 
 ATTACKS = (
-    "prune", "prune-filters", "quantize", "noise", "permute", "project", "finetune", "transfer", "overwrite", "shift"
+    "prune", "prune-filters", "quantize", "noise", "permute", "permute-attention", "center", "project", "finetune",
+    "transfer", "overwrite", "shift",
 )
 
 
@@ -490,6 +491,7 @@ def attack(
     lr: float | None = None,
     steps: int | None = None,
     rescale: bool = True,
+    heads: int | None = None,
     factory: str = EXAMPLE_FACTORY,
     data: str = EXAMPLE_DATA,
 ) -> dict:
@@ -516,6 +518,12 @@ def attack(
         result = attacks.noise(state, strength, seed)
     elif kind == "permute":
         result = attacks.permute(state, strength, seed, rescale)
+    elif kind == "permute-attention":
+        info["heads"] = heads
+        result = attacks.permute_attention(state, heads or 0, strength, seed)
+    elif kind == "center":
+        info["layers"] = layers
+        result = attacks.center(state, layers or [])
     elif kind == "project":
         result = attacks.project_mean(state, strength, trainer())
     elif kind == "finetune":

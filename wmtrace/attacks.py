@@ -372,6 +372,8 @@ def center(state: State, layers: list[str]) -> State:
     LayerNorm subtracts. A mark living in the mean over rows of such a layer is wiped at no cost,
     which is why carrier selection leaves these layers out (`carriers.used_weights`).
     """
+    if not layers:
+        raise BadInput("center: name the Linear weights to centre (--layer)")
     out = _copy(state)
     for name in layers:
         w = state.get(name)
@@ -392,6 +394,8 @@ def permute_attention(state: State, heads: int, strength: float = 1.0, seed: int
     unchanged. `strength` is the log-std of those factors (0: permutations only)."""
     if strength < 0:
         raise BadInput(f"permute-attention: strength {strength} must be >= 0")
+    if heads < 1:
+        raise BadInput("permute-attention: give the number of attention heads (--heads)")
     g = torch.Generator().manual_seed(seed)
     out = _copy(state)
     suffix = "query.weight"

@@ -433,6 +433,29 @@ def attack_permute(
     _attack("permute", file, out_path, strength, as_json, seed=seed, rescale=rescale)
 
 
+@attack_app.command("permute-attention")
+@guarded
+def attack_permute_attention(
+    file: FileArg, out_path: OutOpt,
+    heads: Annotated[int, typer.Option(help="Attention heads per layer (the model's num_attention_heads)")],
+    strength: Annotated[float, typer.Option(help="Log-std of the q/k rescaling factors (0: permute only)")] = 1.0,
+    seed: SeedOpt = 0, as_json: JsonOpt = False,
+) -> None:
+    """Function-preserving, BERT-style attention: reorder heads, permute and rescale q/k dimensions."""
+    _attack("permute-attention", file, out_path, strength, as_json, heads=heads, seed=seed)
+
+
+@attack_app.command("center")
+@guarded
+def attack_center(
+    file: FileArg, out_path: OutOpt,
+    layers: Annotated[list[str], typer.Option("--layer", help="Linear weight to centre (repeat)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Subtract the mean row of Linear layers (function-preserving where a LayerNorm follows)."""
+    _attack("center", file, out_path, 0.0, as_json, layers=layers)
+
+
 @attack_app.command("project")
 @guarded
 def attack_project(
