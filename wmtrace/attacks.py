@@ -444,7 +444,8 @@ class Trainer:
             missing, unexpected = m.load_state_dict(state, strict=False)
         except Exception as e:
             raise BadInput(f"the weights do not fit the model ({str(e).splitlines()[0][:160]})") from e
-        bad = [k for k in missing if not k.endswith("num_batches_tracked")] + list(unexpected)
+        # Tensors the model lacks (an unused pooler, extra heads) are left out; missing ones are an error.
+        bad = [k for k in missing if not k.endswith("num_batches_tracked")]
         if bad:
             raise BadInput(f"the weights do not fit the model ({bad[0]!r})")
         return m
@@ -640,15 +641,18 @@ def transfer(
 # --- attacks that need data but no training --------------------------------------------------------
 
 
-def _inputs(trainer: Trainer, samples: int) -> torch.Tensor:
-    """The first `samples` training inputs: what an attacker runs through the copy."""
+def _inputs(trainer: Trainer, samples: int):
+    """The first `samples` training inputs (a tensor, or a dict of tensors): what an attacker runs
+    through the copy."""
     from torch.utils.data import DataLoader
 
-    return next(iter(DataLoader(trainer.data("train"), batch_size=samples)))[0]
+    from .batches import split
+
+    return split(next(iter(DataLoader(trainer.data("train"), batch_size=samples))))[0]
 
 
 def project_mean(state: State, strength: float, trainer: Trainer, samples: int = 1024) -> State:
-    """Remove from every conv layer's filter mean its component in the `strength` fraction of input
+    """Remove from every conv and Linear layer's filter mean its component in the `strength` fraction of input
     directions the attacker's data visits least (eigenvectors of the layer's input second moments on
     `samples` training inputs). Needs no master and no knowledge of which layers carry a mark: a mark
     placed where the data barely looks (as activation-aware placement does, for fidelity) is removed
@@ -659,7 +663,7 @@ def project_mean(state: State, strength: float, trainer: Trainer, samples: int =
     if not 0.0 <= strength <= 1.0:
         raise BadInput(f"project: strength {strength} must be a fraction in [0, 1]")
     out = _copy(state)
-    convs = [n for n, v in state.items() if v.is_floating_point() and v.dim() == 4]
+    convs = [n for n, v in state.items() if v.is_floating_point() and v.dim() in (2, 4)]  # Linear too
     model = trainer.model(state).eval()
     layers = [Carrier(n, tuple(state[n].shape), 0, 0) for n in convs]
     found = input_moments(model, layers, _inputs(trainer, samples), 0.0)
