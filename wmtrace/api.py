@@ -92,10 +92,16 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> l
     return list(unexpected)
 
 
-def build_model(m: Master) -> nn.Module:
+def _build(m: Master) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The master's model, and the registered tensors it lacks (copied to buyers unmarked)."""
+    weights = load_file(str(m.weights))
     model = import_object(m.factory)()
-    _load_into(model, load_file(str(m.weights)), f"master {m.name!r}: weights do not fit {m.factory}")
-    return model.eval()
+    extras = _load_into(model, weights, f"master {m.name!r}: weights do not fit {m.factory}")
+    return model.eval(), {k: weights[k] for k in extras}
+
+
+def build_model(m: Master) -> nn.Module:
+    return _build(m)[0]
 
 
 def _dataset(spec: str | None, split: str) -> Dataset | None:
@@ -311,10 +317,8 @@ def issue(
     _check_writable(out)
 
     key = reg.key(m.name)
-    model_master = build_model(m)
+    model_master, extras = _build(m)
     state_master = {k: v.clone() for k, v in model_master.state_dict().items()}
-    # Tensors of the master file that the model lacks (heads, adapters): copied to buyers as they are.
-    extras = {k: v for k, v in load_file(str(m.weights)).items() if k not in state_master}
     dtypes = {k: getattr(torch, v) for k, v in m.config.get("dtypes", {}).items()}
     shards = int(m.config.get("shards", 1))
     cfg = embed.EmbedConfig(**m.config["embed"])
