@@ -186,9 +186,8 @@ def init(
         spec.validate()
     except ValueError as e:
         raise BadInput(str(e)) from e
-    arrays = formats.load_tensors(weights)
-    dtypes = formats.float_dtypes(weights)
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    source = formats.open_tensors(weights)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in source.items()}
 
     # The model must build and accept the weights before anything is written.
     model = import_object(factory)()
@@ -236,8 +235,8 @@ def init(
         "eval_samples": eval_samples,
         # Copies are written in the dtypes and shard count the master came in (fp16/bf16 stay half
         # size; a sharded Hugging Face folder gives sharded folders).
-        "dtypes": {k: v for k, v in dtypes.items() if v != "float32"},
-        "shards": len(formats.safetensors_files(Path(weights))) or 1,
+        "dtypes": source.dtypes,
+        "shards": max(1, len(source.files)),
     }
     # The placement metric is fixed per master: issuing places marks with it, and tracing needs it to
     # recover a mark from the dimensions a structurally pruned copy has left.

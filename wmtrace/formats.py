@@ -58,6 +58,7 @@ def _kind(path: Path) -> str:
 # safetensors dtypes that torch reads as floating point (BF16 and the float8 types included)
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _INT8_DTYPES = {"I8", "U8"}
+_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}  # torch's names; float32 is the default
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class _Entry:
     shape: tuple[int, ...]
     scale: str | None = None
     zero: str | None = None
+    dtype: str = "F32"  # as stored (safetensors' name); int8 weights keep F32: they come back dequantized
 
 
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -92,7 +94,7 @@ def _shard_entries(path: Path) -> dict[str, _Entry]:
     they are listed under NAME, and their scale and zero point are not weights themselves."""
     header = _header(path)
     floats = {k: shape for k, (dtype, shape) in header.items() if dtype in _FLOAT_DTYPES}
-    out = {k: _Entry(path, k, shape) for k, shape in floats.items()}
+    out = {k: _Entry(path, k, shape, dtype=header[k][0]) for k, shape in floats.items()}
     for name, (dtype, shape) in header.items():
         if dtype not in _INT8_DTYPES or len(shape) < 2 or f"{name}_scale" not in floats:
             continue
@@ -140,6 +142,10 @@ class TensorSource(Mapping):
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         self.shapes = shapes
+        # Stored dtype names where not float32 ("float16", "bfloat16", ...), and the files read; known
+        # for safetensors, from their headers (copies are written back in the master's dtypes and shards).
+        self.dtypes: dict[str, str] = {}
+        self.files: list[Path] = []
 
     def load(self, name: str) -> np.ndarray:
         raise NotImplementedError
@@ -163,6 +169,8 @@ class _LazySafetensors(TensorSource):
     def __init__(self, entries: dict[str, _Entry]):
         super().__init__({k: e.shape for k, e in entries.items()})
         self._entries = entries
+        self.dtypes = {k: _DTYPE_NAMES[e.dtype] for k, e in entries.items() if e.dtype in _DTYPE_NAMES}
+        self.files = sorted({e.file for e in entries.values()})
 
     def load(self, name: str) -> np.ndarray:
         return _read(self._entries[name])
@@ -427,40 +435,6 @@ def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: str | os.Pat
                               **({} if dynamo else {"dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}))
         except OSError as e:
             raise BadInput(f"{path}: cannot write ({e.strerror})") from e
-
-
-_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    """The safetensors files that make up a model file, index or folder; [] for other formats."""
-    if path.is_dir():
-        index = sorted(path.glob("*.safetensors.index.json"))
-        if not index:
-            return sorted(path.glob("*.safetensors"))
-        path = index[0]
-    if path.name.endswith(".index.json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
-        return [path.parent / s for s in sorted(set(weight_map.values())) if _inside(path.parent, s)]
-    return [path] if path.is_file() and _kind(path) == "safetensors" else []
-
-
-def float_dtypes(path: str | os.PathLike) -> dict[str, str]:
-    """Stored dtype of each floating-point tensor, from safetensors headers (no data read); {} for
-    other formats, whose weights are treated as float32."""
-    from safetensors import safe_open
-
-    out: dict[str, str] = {}
-    try:
-        for f in safetensors_files(Path(path)):
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    dtype = _SAFETENSORS_DTYPES.get(st.get_slice(name).get_dtype())
-                    if dtype:
-                        out[name] = dtype
-    except Exception as e:  # the same files were just read whole by load_tensors; this is a re-read
-        raise BadInput(f"{path}: cannot read tensor dtypes ({_line(e)})") from e
-    return out
 
 
 def save_sharded(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, shards: int) -> None:
