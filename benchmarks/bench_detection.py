@@ -13,19 +13,23 @@ training images run through the copy:
 - `coherence`: `mean_rms_rel * sqrt(filters)`, about 1 when filters are independent and zero-mean;
 - `low_share`: share of the filter mean's energy in the half of the layer's input directions that the
   data visits least (eigenvectors of the input second moments on 1,024 training images);
-- `low_coherence`: `coherence` within that half: filters x |P mean|^2 / mean over filters of |P w_i|^2.
+- `low_coherence`: `coherence` within that half: filters x |P mean|^2 / mean over filters of |P w_i|^2;
+- `low_energy`: share of all the filters' energy in that half (a mark of any shape placed there adds to it);
+- `low_spike`: the largest squared singular value of the filters within that half over the mean one (a
+  rank-one mark, such as a shared shift or a single keyed sign pattern, stands out here).
 
 Compared: (a) the master against buyer copies as issued; (b) the master and the copies each fine-tuned
 the same way (same seed, same batches); and, with no reference at all, the carrier layers against the
 other conv layers of the same copy (`ranking`: whether the layers with the highest statistic are exactly
-the carriers). `--settings` instead places copies with other placements and strengths (no training)
-and reports the same ranking, their agreement with the master, and the bit errors left after
-`attacks.project_mean`. Writes benchmarks/results/detection.json.
+the carriers). `--settings` instead places copies with other statistics, placements and strengths (no
+training) and reports the same ranking, their agreement with the master, and the bit errors left after
+`attacks.project` (filter mean, and whole filters). Writes benchmarks/results/detection.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
@@ -43,10 +47,10 @@ from wmtrace.data import load_fashion_mnist
 from wmtrace.trace import load_moments
 
 State = dict[str, torch.Tensor]
-# (placement, strength) for --settings; the default is activation-aware placement at 0.2.
-PROJECT = (0.25, 0.5, 0.75)  # fractions of input directions for --settings' removal attack
-SETTINGS = [("activation", 0.2), ("activation", 0.1), ("activation", 0.05), ("minimal-norm", 0.2),
-            ("minimal-norm", 0.1)]
+# (statistic, placement, strength) for --settings; the default is signed, activation-aware, 0.2.
+PROJECT = (("mean", 0.5), ("mean", 0.75), ("filters", 0.5))  # removal attacks for --settings
+SETTINGS = [("signed", "activation", 0.2), ("signed", "activation", 0.3), ("signed", "minimal-norm", 0.2),
+            ("mean", "activation", 0.2), ("mean", "minimal-norm", 0.2)]
 
 
 def weight_stats(w: torch.Tensor) -> dict[str, float]:
@@ -70,9 +74,12 @@ def data_stats(w: torch.Tensor, moments: np.ndarray) -> dict[str, float]:
     _, vecs = np.linalg.eigh(moments)
     low = torch.from_numpy(vecs[:, : vecs.shape[1] // 2])
     mean_low = (rows.mean(0) @ low).pow(2).sum()
+    sv = torch.linalg.svdvals(rows @ low).pow(2)
     return {
         "low_share": float(mean_low / rows.mean(0).pow(2).sum()),
         "low_coherence": float(rows.shape[0] * mean_low / (rows @ low).pow(2).sum(1).mean()),
+        "low_energy": float((rows @ low).pow(2).sum() / rows.pow(2).sum()),
+        "low_spike": float(sv[0] / sv.mean()),
     }
 
 
@@ -103,7 +110,7 @@ def ranking(copies: list[dict], carriers: list[str]) -> dict:
     """With no reference: per statistic, in how many copies the layers scoring highest are exactly the
     carriers, and the carriers' lowest value over the other layers' highest (> 1: they stand out)."""
     out = {}
-    for k in ("mean_rms_rel", "coherence", "low_share", "low_coherence", "std"):
+    for k in ("mean_rms_rel", "coherence", "low_share", "low_coherence", "low_energy", "low_spike", "std"):
         hits, ratios = 0, []
         for c in copies:
             order = sorted(c, key=lambda n: c[n][k], reverse=True)
@@ -114,11 +121,17 @@ def ranking(copies: list[dict], carriers: list[str]) -> dict:
     return out
 
 
-def placed(m, key: bytes, master: State, n: int, placement: str, strength: float) -> list[tuple[State, np.ndarray]]:
-    """`n` copies placed as `issue` would with another placement or strength (codewords of unissued
-    IDs), each with its codeword bits."""
-    cs = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
-    xs = [c.projection(key) for c in cs]
+def carriers_as(m, statistic: str) -> list[Carrier]:
+    """The master's carriers, reading bits from signed means or (Uchida et al.) the plain filter mean."""
+    return [dataclasses.replace(Carrier.from_dict(d), signed=statistic == "signed") for d in m.config["carriers"]]
+
+
+def placed(m, key: bytes, master: State, n: int, statistic: str, placement: str,
+           strength: float) -> list[tuple[State, np.ndarray]]:
+    """`n` copies placed as `issue` would with another statistic, placement or strength (codewords of
+    unissued IDs), each with its codeword bits."""
+    cs = carriers_as(m, statistic)
+    xs = [c.secret(key) for c in cs]
     stored = load_moments(m) if placement == "activation" else {}
     maps = [carriers_mod.embedding_map(x, stored.get(c.name)) for c, x in zip(cs, xs, strict=True)]
     margins = [embed.margin(master[c.name], c, strength) for c in cs]
@@ -132,13 +145,12 @@ def placed(m, key: bytes, master: State, n: int, placement: str, strength: float
     return out
 
 
-def bit_errors(m, key: bytes, master: State, state: State, bits: np.ndarray) -> float:
-    """Share of codeword bits whose projection of the filter-mean difference has the wrong sign."""
+def bit_errors(cs: list[Carrier], key: bytes, master: State, state: State, bits: np.ndarray) -> float:
+    """Share of codeword bits whose statistic of the difference to the master has the wrong sign."""
     wrong = 0
-    for d in m.config["carriers"]:
-        c = carriers_mod.Carrier.from_dict(d)
-        delta = carriers_mod.statistic(state[c.name].double()) - carriers_mod.statistic(master[c.name].double())
-        soft = c.projection(key) @ delta.numpy()
+    for c in cs:
+        delta = (state[c.name].double() - master[c.name].double()).reshape(c.rows, -1).numpy()
+        soft = c.secret(key).read(delta)
         wrong += int(((soft > 0) != bits[c.start : c.start + c.bits].astype(bool)).sum())
     return wrong / len(bits)
 
@@ -146,28 +158,30 @@ def bit_errors(m, key: bytes, master: State, state: State, bits: np.ndarray) -> 
 def settings(m, key: bytes, master: State, n: int, inputs: torch.Tensor) -> dict:
     """(c) Would another placement or strength hide the carriers? Reference-free ranking, the copies'
     top-1 agreement with the master on 2,000 test images, and the bit error rate left after
-    `attacks.project_mean` (the removal this visibility enables) at each of PROJECT, per setting."""
+    `attacks.project` (the removals this visibility enables) for each of PROJECT, per setting."""
     test = load_fashion_mnist("test", limit=2000)[0]
     ref = example.build()
     ref.load_state_dict(master)
     trainer = attacks.Trainer(example.build, example.dataset)
     out = {}
-    for placement, strength in SETTINGS:
-        pairs = placed(m, key, master, n, placement, strength)
+    for statistic, placement, strength in SETTINGS:
+        pairs = placed(m, key, master, n, statistic, placement, strength)
+        cs = carriers_as(m, statistic)
         agree = []
         for st, _ in pairs:
             model = example.build()
             model.load_state_dict(st)
             agree.append(fidelity.agreement(model.eval(), ref.eval(), test))
-        ber = {str(f): [bit_errors(m, key, master, attacks.project_mean(st, f, trainer), bits) for st, bits in pairs]
-               for f in PROJECT}
+        ber = {f"{part} {f}": [bit_errors(cs, key, master, attacks.project(st, f, trainer, part), bits)
+                               for st, bits in pairs] for part, f in PROJECT}
         stats = [layer_stats(st, inputs) for st, _ in pairs]
-        out[f"{placement}/{strength}"] = {"ranking": ranking(stats, [c["name"] for c in m.config["carriers"]]),
+        name = f"{statistic}/{placement}/{strength}"
+        out[name] = {"ranking": ranking(stats, [c["name"] for c in m.config["carriers"]]),
                                          "agreement_mean": float(np.mean(agree)), "ber_after_project": ber}
-        for k, r in out[f"{placement}/{strength}"]["ranking"].items():
-            print(f"(c) {placement:12s} {strength:<5} {k:14s} carriers on top in {r['carriers_on_top']}/{r['copies']}, "
+        for k, r in out[name]["ranking"].items():
+            print(f"(c) {name:28s} {k:14s} carriers on top in {r['carriers_on_top']}/{r['copies']}, "
                   f"carriers / best other layer {r['ratio_min']:.2f}-{r['ratio_max']:.2f}", flush=True)
-        print(f"(c) {placement:12s} {strength:<5} agreement {np.mean(agree):.2%}; BER after project "
+        print(f"(c) {name:28s} agreement {np.mean(agree):.2%}; BER after project "
               + ", ".join(f"{f}: {min(v):.3f}-{max(v):.3f}" for f, v in ber.items()), flush=True)
     return out
 

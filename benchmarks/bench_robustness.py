@@ -37,8 +37,8 @@ OVERWRITE_STEPS = [25, 50, 100, 300]
 SHIFTS = [0.1, 0.3, 1.0, 3.0]
 SHIFT_STEPS = 200
 FAMILIES = ["prune-global", "prune-layer", "prune-random", "prune-filters", "prune-filters-all", "quantize",
-            "onnx", "noise", "permute", "project", "finetune-0.05", "finetune-0.01", "transfer-0.05", "transfer-0.01",
-            "transfer-last-0.05", "overwrite", "shift"]
+            "onnx", "noise", "permute", "project", "project-filters", "finetune-0.05", "finetune-0.01", "transfer-0.05",
+            "transfer-0.01", "transfer-last-0.05", "overwrite", "shift"]
 
 
 class Bench:
@@ -136,7 +136,10 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
             bench.record(family, a, attacks.permute(s, a, seed=1))
     elif family == "project":
         for a in [0.1, 0.25, 0.5, 0.75, 0.9]:
-            bench.record(family, a, attacks.project_mean(s, a, trainer))
+            bench.record(family, a, attacks.project(s, a, trainer))
+    elif family == "project-filters":
+        for a in [0.1, 0.25, 0.5, 0.75]:
+            bench.record(family, a, attacks.project(s, a, trainer, part="filters"))
     elif family.startswith("finetune"):
         lr = float(family.split("-")[1])
         epochs = [0.1, 0.5] if quick else EPOCHS

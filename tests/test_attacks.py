@@ -198,7 +198,7 @@ def test_projecting_out_the_little_used_part_of_filter_means_keeps_outputs_and_a
     _, buyers = issued
     b = buyers[2]
     state = load_file(b.file)
-    projected = attacks.project_mean(state, 0.75, trainer)
+    projected = attacks.project(state, 0.75, trainer)
     assert not torch.equal(projected["features.7.weight"], state["features.7.weight"])
     with torch.no_grad():
         before, after = example.build_like(state)(images).argmax(1), example.build_like(projected)(images).argmax(1)

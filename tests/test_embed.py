@@ -1,5 +1,7 @@
 """Closed-form placement: the metric it minimises is the real one, and it beats minimal norm."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -28,26 +30,51 @@ def test_linear_patches_and_unsupported_layers():
     assert embed._patches(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5)) is None
 
 
-def direction(x, signs, metric=None):
-    """The statistic's change for these signs: what `embed.place` adds to every filter, per margin."""
-    return carriers_mod.embedding_map(x, metric) @ (signs * np.sqrt(x.shape[1]))
-
-
-def test_direction_meets_every_margin_and_minimises_its_metric():
+@pytest.mark.parametrize("signed", [False, True])
+def test_change_meets_every_margin_and_minimises_its_metric(signed):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((16, 64))
-    signs = np.sign(rng.standard_normal(16))
-    a = rng.standard_normal((64, 64))
-    metric = a @ a.T + 0.1 * np.eye(64)
+    bits, rows, dim = 16, 12, 64
+    x = rng.standard_normal((bits, dim))
+    signs = rng.choice([-1.0, 1.0], (bits, rows)) if signed else np.ones((bits, rows))
+    secret = carriers_mod.Secret(x, signs)
+    targets = 8.0 * np.sign(rng.standard_normal(bits))
+    a = rng.standard_normal((dim, dim))
+    metric = a @ a.T + 0.1 * np.eye(dim)
+
+    def cost(d):
+        return float(np.einsum("id,de,ie->", d, metric, d))
+
     for m in (None, metric):
-        d = direction(x, signs, m)
-        assert np.allclose(x @ d / 8.0, signs)
-    plain, weighted = direction(x, signs), direction(x, signs, metric)
-    assert weighted @ metric @ weighted < plain @ metric @ plain
-    # Any other solution of the constraints costs more in the metric.
-    null = np.linalg.svd(x)[2][16:].T @ rng.standard_normal(48)
-    other = weighted + 0.01 * null
-    assert np.allclose(x @ other / 8.0, signs) and other @ metric @ other > weighted @ metric @ weighted
+        assert np.allclose(secret.read(carriers_mod.embedding_map(secret, m).change(targets)), targets)
+    plain = carriers_mod.embedding_map(secret).change(targets)
+    weighted = carriers_mod.embedding_map(secret, metric).change(targets)
+    assert cost(weighted) < cost(plain)
+    # Any other change meeting the same targets costs more in the metric.
+    constraints = (signs[:, :, None] * x[:, None, :]).reshape(bits, -1) / rows
+    e = rng.standard_normal(rows * dim)
+    e -= constraints.T @ np.linalg.lstsq(constraints.T, e, rcond=None)[0]
+    other = weighted + 0.01 * e.reshape(rows, dim)
+    assert np.allclose(secret.read(other), targets) and cost(other) > cost(weighted)
+    spread = np.linalg.norm(weighted - weighted.mean(0), axis=1).mean() / np.linalg.norm(weighted, axis=1).mean()
+    if signed:  # many keyed rank-one terms: filters move differently, and their mean hardly at all
+        assert spread > 0.9
+    else:  # the paper's statistic: one shift shared by every filter
+        assert spread < 1e-9
+
+
+def test_signed_carrier_secrets_are_keyed_and_plain_ones_are_the_filter_mean():
+    key = keys.generate()
+    plain = carriers_mod.Carrier("w", (32, 8, 3, 3), 0, 16)
+    signed = carriers_mod.Carrier("w", (32, 8, 3, 3), 0, 16, signed=True)
+    assert np.array_equal(plain.secret(key).signs, np.ones((16, 32)))
+    s = signed.secret(key).signs
+    assert set(np.unique(s)) == {-1.0, 1.0} and np.array_equal(s, signed.secret(key).signs)
+    assert not np.array_equal(s, signed.secret(keys.generate()).signs)
+    assert abs(s.mean()) < 0.15
+    assert carriers_mod.Carrier.from_dict(signed.to_dict()) == signed
+    legacy = plain.to_dict()
+    del legacy["signed"]  # registries written before signed carriers
+    assert carriers_mod.Carrier.from_dict(legacy) == plain
 
 
 def test_activation_placement_changes_outputs_less_than_minimal_norm(master_file):
@@ -57,7 +84,8 @@ def test_activation_placement_changes_outputs_less_than_minimal_norm(master_file
     state = model.state_dict()
     carriers = carriers_mod.select(state, 256)
     key = keys.generate()
-    xs = [c.projection(key) for c in carriers]
+    assert all(c.signed for c in carriers)
+    xs = [c.secret(key) for c in carriers]
     margins = [embed.margin(state[c.name], c, 0.1) for c in carriers]
     bits = codes.codeword(key, "m", 1, codes.CodeSpec())
     train, _ = load_fashion_mnist("train", limit=512)
@@ -91,8 +119,14 @@ def test_activation_placement_changes_outputs_less_than_minimal_norm(master_file
     embed.place(aware, carriers, xs, margins, bits, metrics)
     for p, a in zip(output_change(plain), output_change(aware), strict=True):
         assert a < 0.3 * p  # measured: about 0.05
+    # The same bits and margins in the plain filter mean (one shared shift) cost more.
+    unsigned = [dataclasses.replace(c, signed=False) for c in carriers]
+    shared = {k: v.clone() for k, v in state.items()}
+    embed.place(shared, unsigned, [c.secret(key) for c in unsigned], margins, bits, metrics)
+    for a, s in zip(output_change(aware), output_change(shared), strict=True):
+        assert a < s
 
-    # Both put every bit exactly at its margin.
+    # All put every bit exactly at its margin.
     for placed in (plain, aware):
         marked = example.build()
         marked.load_state_dict(placed)

@@ -193,7 +193,8 @@ def _ls(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def _rescale(a: np.ndarray, master: np.ndarray, iters: int = 5) -> np.ndarray:
     """Undo scaling: a[l, j] ~ s_l * c_j * (master[l, j] + d[j]), with a per-filter scale s (BatchNorm
     folded in, or rescaled filters), a per-input-channel scale c (the previous layer's channels
-    rescaled across ReLU) and a shift d shared by all filters (the mark).
+    rescaled across ReLU) and a shift d shared by all filters (the whole mark of a plain filter-mean
+    carrier; about zero for a signed one, whose mark is too small per filter to bias the scales).
 
     Alternating least squares on s, c and d, so the scales are not biased by the mark itself; d is a
     trimmed mean over filters. Missing (NaN) entries take no part. Returns rows x dim.

@@ -325,7 +325,7 @@ def issue(
         raise BadInput(f"master {m.name!r}: unknown placement {cfg.placement!r} (activation, minimal-norm)")
     carriers = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
     margins = [d["margin"] for d in m.config["carriers"]]
-    projections = [c.projection(key) for c in carriers]
+    secrets = [c.secret(key) for c in carriers]
     spec = codes.CodeSpec(**m.config["code"])
     train = _dataset(m.data, "train")
     stored = load_moments(m) if cfg.placement == "activation" else {}
@@ -342,7 +342,7 @@ def issue(
         metrics = [stored.get(c.name) for c in carriers]
         if not stored:  # registered before the metric was stored with the master
             metrics = embed.input_moments(model_master, carriers, _tensors(train, cfg.moment_samples)[0], cfg.ridge)
-    maps = [carriers_mod.embedding_map(x, mt) for x, mt in zip(projections, metrics, strict=True)]
+    maps = [carriers_mod.embedding_map(s, mt) for s, mt in zip(secrets, metrics, strict=True)]
 
     reserved = reg.reserve(m.name, wanted)
     done: list[Buyer] = []
@@ -350,20 +350,20 @@ def issue(
         for i, b in enumerate(reserved):
             bits = codes.codeword(key, m.name, b.id, spec)
             state = {k: v.clone() for k, v in state_master.items()}
-            embed.place(state, carriers, projections, margins, bits, maps=maps)
+            embed.place(state, carriers, secrets, margins, bits, maps=maps)
             model = import_object(m.factory)()
             model.load_state_dict(state, strict=False)
             if cfg.steps > 0:
                 step_cb = (lambda s, h, i=i: progress(i, len(reserved), s, cfg.steps, h)) if progress else None
                 data = _batches(train, cfg.batch_size, seed=(seed if seed is not None else b.id))
-                embed.repair(model, model_master, data, carriers, projections, margins, bits, cfg, step_cb)
+                embed.repair(model, model_master, data, carriers, secrets, margins, bits, cfg, step_cb)
             model.eval()
             final = extras | {k: v.detach().contiguous() for k, v in model.state_dict().items()}
             final = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in final.items()}
             # Margin, self-check and fidelity of the copy as written (after any rounding to fp16/bf16).
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in final.items()},
                                   strict=False)
-            b.margin = embed.min_margin(model, model_master, carriers, projections, margins, bits)
+            b.margin = embed.min_margin(model, model_master, carriers, secrets, margins, bits)
             _verify(reg, m, b, final)
             if held_out is not None:
                 _measure(b, fidelity.outputs(model, held_out[0]), master_out, held_out[1], cfg.output)
@@ -528,7 +528,8 @@ def attack(
         info["layers"] = layers
         result = attacks.center(state, layers or [])
     elif kind == "project":
-        result = attacks.project_mean(state, strength, trainer())
+        info["mode"] = mode or "mean"
+        result = attacks.project(state, strength, trainer(), info["mode"])
     elif kind == "finetune":
         info["lr"] = lr if lr is not None else 0.05
         result = attacks.finetune(state, strength, trainer(), info["lr"])

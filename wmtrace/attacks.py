@@ -4,7 +4,7 @@ Every attack takes a state dict of torch tensors and returns a new one (the inpu
 Each states what its `strength` means. Attacks that change channels (structured pruning,
 permutation, rescaling, dummy channels) need to know which layer feeds which; they infer it from
 the state dict alone, under one assumption (see `hidden_layers`). Attacks that train
-(`finetune`, `transfer`, `overwrite`, `shift`) and `project_mean` need the model code and data: a
+(`finetune`, `transfer`, `overwrite`, `shift`) and `project` need the model code and data: a
 `module:factory` and a `module:function(split)` data entry point, the example CNN and Fashion-MNIST
 by default.
 """
@@ -651,17 +651,21 @@ def _inputs(trainer: Trainer, samples: int):
     return split(next(iter(DataLoader(trainer.data("train"), batch_size=samples))))[0]
 
 
-def project_mean(state: State, strength: float, trainer: Trainer, samples: int = 1024) -> State:
-    """Remove from every conv and Linear layer's filter mean its component in the `strength` fraction of input
-    directions the attacker's data visits least (eigenvectors of the layer's input second moments on
-    `samples` training inputs). Needs no master and no knowledge of which layers carry a mark: a mark
-    placed where the data barely looks (as activation-aware placement does, for fidelity) is removed
-    where it is cheapest to remove, while the layer's outputs on real inputs barely change."""
+def project(state: State, strength: float, trainer: Trainer, part: str = "mean", samples: int = 1024) -> State:
+    """Remove from every conv and Linear layer, in the `strength` fraction of input directions the
+    attacker's data visits least (eigenvectors of the layer's input second moments on `samples`
+    training inputs), either the filter mean's component (`part="mean"`) or every filter's
+    (`"filters"`). Needs no master and no knowledge of which layers carry a mark. A mark that is one
+    shift shared by all filters (Uchida et al.'s statistic), placed where the data barely looks (as
+    activation-aware placement does, for fidelity), is removed by the first at almost no cost; the
+    second removes whatever lies in those directions, at the cost of everything the master keeps there."""
     from .carriers import Carrier
     from .embed import input_moments
 
     if not 0.0 <= strength <= 1.0:
         raise BadInput(f"project: strength {strength} must be a fraction in [0, 1]")
+    if part not in ("mean", "filters"):
+        raise BadInput(f"project: unknown part {part!r} (mean, filters)")
     out = _copy(state)
     convs = [n for n, v in state.items() if v.is_floating_point() and v.dim() in (2, 4)]  # Linear too
     model = trainer.model(state).eval()
@@ -672,5 +676,6 @@ def project_mean(state: State, strength: float, trainer: Trainer, samples: int =
             continue
         w = state[n].detach().double().reshape(state[n].shape[0], -1)
         vecs = torch.from_numpy(np.linalg.eigh(moments)[1][:, : round(strength * w.shape[1])])
-        out[n] = (w - (w.mean(0) @ vecs) @ vecs.T).reshape(state[n].shape).to(state[n].dtype)
+        removed = (w.mean(0) @ vecs) @ vecs.T if part == "mean" else (w @ vecs) @ vecs.T
+        out[n] = (w - removed).reshape(state[n].shape).to(state[n].dtype)
     return out

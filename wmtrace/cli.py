@@ -461,11 +461,12 @@ def attack_center(
 def attack_project(
     file: FileArg, out_path: OutOpt,
     strength: Annotated[float, typer.Option(help="Fraction of input directions, least visited by the data")] = 0.75,
+    part: Annotated[str, typer.Option(help="mean: the filter mean's component; filters: every filter's")] = "mean",
     model: ModelOpt = api.EXAMPLE_FACTORY, data: DataOpt = api.EXAMPLE_DATA,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove each conv layer's filter mean in the input directions the data visits least (no training)."""
-    _attack("project", file, out_path, strength, as_json, factory=model, data=data)
+    """Remove each layer's filter mean (or every filter) in the input directions the data visits least."""
+    _attack("project", file, out_path, strength, as_json, mode=part, factory=model, data=data)
 
 
 @attack_app.command("finetune")

@@ -1,12 +1,12 @@
 """Turn a copy of the master into a buyer copy: place the codeword, then repair fidelity.
 
 Two stages, read top to bottom:
-1. Closed form. Each carrier's filter mean moves by the vector whose secret projections have
-   the codeword's signs, all at the same margin, and that changes the layer's outputs on real
+1. Closed form. Each carrier's filters move by the change whose keyed statistics (`carriers.Secret`)
+   have the codeword's signs, all at the same margin, and that changes the layer's outputs on real
    inputs the least (`carriers.embedding_map` with the input second moments from `input_moments`).
    This is where the paper's regularizer would end after a thousand steps, reached in one, and
-   on the example it keeps 99.4-99.5% top-1 agreement with the master without any training at
-   the default strength 0.2 (99.7% at 0.1).
+   on the example it keeps 99.6-99.7% top-1 agreement with the master without any training at
+   the default strength 0.2 (BENCHMARKS.md).
 2. Repair (optional, `steps` > 0). A short fine-tune pulls the outputs back to the master's
    (distillation on the master's soft outputs; the task loss too if asked for) while a hinge
    form of the embedding regularizer keeps every bit at its margin. Measured on the example it
@@ -26,7 +26,7 @@ from torch import nn
 
 from . import batches
 from . import carriers as carriers_mod
-from .carriers import Carrier
+from .carriers import Carrier, Secret
 
 OUTPUTS = ("logits", "embedding")
 
@@ -74,12 +74,13 @@ def margin(weight: torch.Tensor, carrier: Carrier, strength: float) -> float:
     return strength * rms * math.sqrt(carrier.dim / carrier.bits)
 
 
-def soft_bits(
-    weight: torch.Tensor, master_weight: torch.Tensor, x: torch.Tensor, m: float
-) -> torch.Tensor:
-    """Projections of the filter-mean difference, in units of the margin: +-1 when freshly embedded."""
-    delta = carriers_mod.statistic(weight) - carriers_mod.statistic(master_weight)
-    return (x @ delta) / (math.sqrt(x.shape[1]) * m)
+def soft_bits(weight: torch.Tensor, master_weight: torch.Tensor, secret: Secret, m: float) -> torch.Tensor:
+    """Each bit's statistic of the difference to the master, in margins: +-1 when freshly embedded.
+    Differentiable in `weight` (repair's regularizer)."""
+    x = torch.from_numpy(secret.x).to(weight.dtype)
+    signs = torch.from_numpy(secret.signs).to(weight.dtype)
+    delta = (weight - master_weight).reshape(weight.shape[0], -1)
+    return ((delta @ x.T) * signs.T).mean(0) / (math.sqrt(x.shape[1]) * m)
 
 
 def _patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
@@ -178,7 +179,7 @@ def distortion(
         saved = weight.detach().clone()
         marked = {c.name: saved}
         bits = rng.integers(0, 2, c.bits).astype(np.float64)
-        place(marked, [c], [c.projection(key)], [margin(saved, c, strength)], bits, metrics=[metric])
+        place(marked, [c], [c.secret(key)], [margin(saved, c, strength)], bits, metrics=[metric])
         weight.copy_(marked[c.name])
         costs.append(float(distance(batches.call(model, inputs), reference)))
         weight.copy_(saved)
@@ -189,23 +190,23 @@ def distortion(
 def place(
     state: dict[str, torch.Tensor],
     carriers: list[Carrier],
-    projections: list[np.ndarray],
+    secrets: list[Secret],
     margins: list[float],
     bits: np.ndarray,
     metrics: list[np.ndarray | None] | None = None,
-    maps: list[np.ndarray] | None = None,
+    maps: list[carriers_mod.Embedding] | None = None,
 ) -> None:
-    """Stage 1, in place on `state`: every filter of a carrier moves by the same vector, the one
-    whose effect on the layer's outputs is least under `metrics` (minimal norm where None).
+    """Stage 1, in place on `state`: each carrier's filters move by the change that sets every bit
+    at its margin and moves the layer's outputs least under `metrics` (minimal norm where None).
     `maps` (from `carriers.embedding_map`) saves recomputing them for every buyer."""
     if maps is None:
         metrics = metrics or [None] * len(carriers)
-        maps = [carriers_mod.embedding_map(x, mt) for x, mt in zip(projections, metrics, strict=True)]
+        maps = [carriers_mod.embedding_map(s, mt) for s, mt in zip(secrets, metrics, strict=True)]
     for c, a, m in zip(carriers, maps, margins, strict=True):
         signs = 2.0 * bits[c.start : c.start + c.bits] - 1.0
-        d = a @ (signs * m * math.sqrt(c.dim))
+        d = a.change(signs * m * math.sqrt(c.dim))
         w = state[c.name]
-        state[c.name] = w + torch.from_numpy(d).to(w.dtype).reshape(1, *w.shape[1:])
+        state[c.name] = w + torch.from_numpy(d).to(w.dtype).reshape(w.shape)
 
 
 def repair(
@@ -213,7 +214,7 @@ def repair(
     master: nn.Module,
     data: Iterator,
     carriers: list[Carrier],
-    projections: list[np.ndarray],
+    secrets: list[Secret],
     margins: list[float],
     bits: np.ndarray,
     cfg: EmbedConfig,
@@ -224,7 +225,6 @@ def repair(
     params = dict(model.named_parameters())
     ref = dict(master.named_parameters())
     master_weights = [ref[c.name].detach() for c in carriers]
-    xs = [torch.from_numpy(x).float() for x in projections]
     signs = [torch.from_numpy(2.0 * bits[c.start : c.start + c.bits] - 1.0).float() for c in carriers]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # BatchNorm keeps the master's running statistics: a few small batches would only add noise.
@@ -240,8 +240,8 @@ def repair(
         if labels is not None and cfg.use_labels and cfg.output == "logits":
             loss = loss + F.cross_entropy(out, labels)
         held = [  # each bit's projection times its sign, in margins: >= 1 is on target
-            s * soft_bits(params[c.name], w0, x, m)
-            for c, w0, x, m, s in zip(carriers, master_weights, xs, margins, signs, strict=True)
+            s * soft_bits(params[c.name], w0, k, m)
+            for c, w0, k, m, s in zip(carriers, master_weights, secrets, margins, signs, strict=True)
         ]
         hinge = sum(F.relu(1.0 - h).mean() for h in held)
         loss = loss + cfg.lam * hinge
@@ -250,7 +250,7 @@ def repair(
         opt.step()
         if progress is not None:
             progress(step + 1, float(min(h.min() for h in held).detach()))
-    return min_margin(model, master, carriers, projections, margins, bits)
+    return min_margin(model, master, carriers, secrets, margins, bits)
 
 
 @torch.no_grad()
@@ -258,14 +258,14 @@ def min_margin(
     model: nn.Module,
     master: nn.Module,
     carriers: list[Carrier],
-    projections: list[np.ndarray],
+    secrets: list[Secret],
     margins: list[float],
     bits: np.ndarray,
 ) -> float:
     params, ref = dict(model.named_parameters()), dict(master.named_parameters())
     worst = math.inf
-    for c, x, m in zip(carriers, projections, margins, strict=True):
+    for c, k, m in zip(carriers, secrets, margins, strict=True):
         s = torch.from_numpy(2.0 * bits[c.start : c.start + c.bits] - 1.0).float()
-        z = soft_bits(params[c.name], ref[c.name], torch.from_numpy(x).float(), m)
+        z = soft_bits(params[c.name].float(), ref[c.name].float(), k, m)
         worst = min(worst, float((s * z).min()))
     return worst

@@ -82,3 +82,11 @@ def projection(key: bytes, label: str, rows: int, cols: int) -> np.ndarray:
     radius = np.sqrt(-2.0 * np.log(u1))
     z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])
     return z[:n].reshape(rows, cols)
+
+
+def signs(key: bytes, label: str, rows: int, cols: int) -> np.ndarray:
+    """Matrix of +-1 (float64) from the key, one SHAKE-256 output bit each."""
+    n = rows * cols
+    stream = hashlib.shake_256(derive(key, f"signs/{label}")).digest((n + 7) // 8)
+    bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8))[:n]
+    return (2.0 * bits - 1.0).reshape(rows, cols)
