@@ -1,8 +1,10 @@
 """Which closed-form placement keeps a copy closest to its master, and is repair still worth it?
 
-Same master, same buyers, every variant: minimal-norm placement (the regularizer's optimum in weight
-space) against activation-aware placement (least change of the carrier's outputs on real inputs) at
-several ridges, each with and without a short distillation repair. Fidelity on all 10,000 test images.
+Same master, same buyers, every variant: the bits read from signed means of the filters (the default)
+or from the plain filter mean (Uchida et al.); minimal-norm placement (the regularizer's optimum in
+weight space) against activation-aware placement (least change of the carrier's outputs on real
+inputs) at several ridges and strengths, and with a short distillation repair. Fidelity on all
+10,000 test images.
 
     python benchmarks/bench_placement.py --master MASTER.safetensors --out benchmarks/results/placement.json
 """
@@ -10,6 +12,7 @@ several ridges, each with and without a short distillation repair. Fidelity on a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -22,15 +25,13 @@ from wmtrace import api, codes, embed, fidelity
 from wmtrace.carriers import Carrier, embedding_map
 from wmtrace.data import load_fashion_mnist
 
-VARIANTS = [  # (placement, ridge, repair steps, strength)
-    ("minimal-norm", 0.0, 0, 0.1),
-    ("minimal-norm", 0.0, 60, 0.1),
-    ("activation", 0.01, 0, 0.1),
+VARIANTS = [  # (placement, ridge, repair steps, strength), each with signed and plain-mean statistics
+    ("minimal-norm", 0.0, 0, 0.2),
+    ("activation", 0.01, 0, 0.2),
     ("activation", 0.1, 0, 0.1),
-    ("activation", 0.3, 0, 0.1),
-    ("activation", 0.1, 20, 0.1),
-    ("activation", 0.1, 0, 0.15),
     ("activation", 0.1, 0, 0.2),
+    ("activation", 0.3, 0, 0.2),
+    ("activation", 0.1, 20, 0.2),
     ("activation", 0.1, 0, 0.3),
 ]
 
@@ -39,7 +40,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--master", type=Path, required=True, help="a trained example master (safetensors)")
     ap.add_argument("--buyers", type=int, default=3)
-    ap.add_argument("--only-strength", action="store_true", help="only the variants at other strengths")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/placement.json"))
     args = ap.parse_args()
 
@@ -50,19 +50,17 @@ def main() -> None:
         reg = api.open_registry(Path(tmp) / "registry", create=True)
         m = api.init(reg, "m", args.master, api.EXAMPLE_FACTORY, api.EXAMPLE_DATA)
         key, spec = reg.key("m"), codes.CodeSpec(**m.config["code"])
-        carriers = [Carrier.from_dict(d) for d in m.config["carriers"]]
-        margins = [d["margin"] for d in m.config["carriers"]]
-        xs = [c.projection(key) for c in carriers]
+        signed = [Carrier.from_dict(d) for d in m.config["carriers"]]
         master = api.build_model(m)
         master_pred = fidelity.predictions(master, x_test)
         master_acc = float((master_pred == y_test).float().mean())
         state = master.state_dict()
         moment_inputs = api._tensors(train, embed.EmbedConfig.moment_samples)[0]
 
-        for placement, ridge, steps, strength in VARIANTS:
-            if args.only_strength and strength == 0.1:
-                continue
-            scaled = [mg * strength / 0.1 for mg in margins]  # init's margins are for strength 0.1
+        for (placement, ridge, steps, strength), statistic in [(v, s) for v in VARIANTS for s in ("signed", "mean")]:
+            carriers = [dataclasses.replace(c, signed=statistic == "signed") for c in signed]
+            xs = [c.secret(key) for c in carriers]
+            scaled = [embed.margin(state[c.name], c, strength) for c in carriers]
             if placement == "activation":
                 metrics = embed.input_moments(master, carriers, moment_inputs, ridge)
             else:
@@ -85,7 +83,8 @@ def main() -> None:
                 sd = model.state_dict()
                 change.append(float(np.mean([float((sd[c.name] - state[c.name]).norm() / state[c.name].norm())
                                              for c in carriers])))
-            row = {"placement": placement, "ridge": ridge, "repair_steps": steps, "strength": strength,
+            row = {"statistic": statistic, "placement": placement, "ridge": ridge, "repair_steps": steps,
+                   "strength": strength,
                    "agreement_mean": float(np.mean(agree)), "agreement_min": min(agree),
                    "accuracy_change_points": 100 * (float(np.mean(acc)) - master_acc),
                    "relative_weight_change": float(np.mean(change))}

@@ -124,7 +124,7 @@ def make(root: Path, args: argparse.Namespace) -> dict:
     (b,) = reg.reserve(MASTER, ["leaker"])
     bits = codes.codeword(key, MASTER, b.id, spec)
     margins = [d["margin"] for d in config["carriers"]]
-    embed.place(state, chosen, [c.projection(key) for c in chosen], margins, bits)  # in place, bfloat16 kept
+    embed.place(state, chosen, [c.secret(key) for c in chosen], margins, bits)  # in place, bfloat16 kept
     index = save_sharded(state, root / "leaked", args.shards)
     b.file, b.sha256, b.status = str(index.parent), sha256_file(index), "issued"
     b.codeword = np.packbits(bits).tobytes().hex()
