@@ -88,10 +88,11 @@ def _attacks(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.
 
 
 def _project(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
-    """The attack that wins on the CNN: each Linear layer's row mean cut out of the input directions the
-    attacker's own texts (the training fortunes) visit least."""
+    """Each Linear layer's row mean (then every row) cut out of the input directions the attacker's own
+    texts (the training fortunes) visit least."""
     trainer = attacks.Trainer(minilm.build, minilm.dataset)
-    return [(f"project {s}", attacks.project(state, s, trainer)) for s in (0.1, 0.25, 0.5, 0.75, 0.9)]
+    return [(f"project {s}", attacks.project(state, s, trainer)) for s in (0.1, 0.25, 0.5, 0.75, 0.9)] + [
+        (f"project filters {s}", attacks.project(state, s, trainer, "filters")) for s in (0.1, 0.25, 0.5)]
 
 
 def run_strength(strength: float, buyers: int, tmp: Path, texts: dict, tunes: list[tuple[int, float]],

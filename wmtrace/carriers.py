@@ -236,8 +236,8 @@ def embedding_map(secret: Secret, metric: np.ndarray | None = None) -> Embedding
     constraint. With the carrier's input second moments C as metric it minimises the mean squared
     change of the layer's outputs on real inputs: the mark goes where the data barely looks, so the
     copy needs no fine-tuning to stay faithful. Keyed signs let bits share those few cheap
-    directions without crowding each other: on the example the same margins cost 35-45% less output
-    change than with the plain filter mean (BENCHMARKS.md).
+    directions without crowding each other: on the example, at the same margins, 0.29% of test
+    predictions differ from the master's against 0.53% with the plain filter mean (BENCHMARKS.md).
     """
     x = secret.x.astype(np.float64)
     basis = x.T if metric is None else np.linalg.solve(metric, x.T)
