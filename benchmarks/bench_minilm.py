@@ -110,7 +110,7 @@ def run_strength(strength: float, buyers: int, tmp: Path, texts: dict, tunes: li
     state = load_file(issued[0].file)
     rows = []
     tuned = [(f"fine-tune SimCSE {n} steps lr {lr:g}", finetune(state, n, lr)) for n, lr in tunes]
-    suite = _project(state) if only_project else [*_attacks(state), *tuned]
+    suite = _project(state) if only_project else [*_attacks(state), *tuned, *_project(state)]
     for name, attacked in [("none", state), *suite]:
         path = tmp / "leak.safetensors"
         formats.save_safetensors(attacked, path)

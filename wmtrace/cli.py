@@ -107,7 +107,7 @@ def init(
         int | None, typer.Option(help="Number of carrier layers [default: 2 to 8, by model size]")
     ] = None,
     strength: Annotated[
-        float, typer.Option(help="Mark strength: RMS shift of a carrier's filter mean over its weights' RMS")
+        float, typer.Option(help="Mark strength: RMS change of a carrier's filters over its weights' RMS")
     ] = api.embed.EmbedConfig.strength,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,

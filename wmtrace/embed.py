@@ -33,9 +33,10 @@ OUTPUTS = ("logits", "embedding")
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    # RMS change of a carrier's filter mean, relative to the RMS of its weights. 0.2, not 0.1: at 0.1
-    # one epoch of fine-tuning at the master's peak rate left 8% bit errors where copies issued the
-    # paper's slow way kept 0-2%; 0.2 still keeps 99.5% agreement without training (BENCHMARKS.md).
+    # RMS change of each of a carrier's filters (of the filter mean, for a plain-mean carrier), relative
+    # to the RMS of its weights. 0.2, not 0.1: at 0.1 one epoch of fine-tuning at the master's peak rate
+    # left 8% bit errors on plain-mean copies; signed copies at 0.2 keep 99.7% agreement without
+    # training (BENCHMARKS.md).
     strength: float = 0.2
     placement: str = "activation"  # or "minimal-norm": the closed form's metric
     ridge: float = 0.1  # added to the input second moments, relative to their mean eigenvalue
@@ -68,8 +69,9 @@ def fidelity_loss(cfg: EmbedConfig) -> Callable[[torch.Tensor, torch.Tensor], to
 
 
 def margin(weight: torch.Tensor, carrier: Carrier, strength: float) -> float:
-    """Projection margin (in units of x @ d / sqrt(dim)) whose minimal-norm embedding changes the
-    filter mean by `strength` times the RMS weight: rms(d) = m * sqrt(bits / dim) for random x."""
+    """Statistic margin (in units of x @ d / sqrt(dim)) whose minimal-norm embedding changes each
+    filter (the filter mean, for a plain-mean carrier) by about `strength` times the RMS weight:
+    rms(d) = m * sqrt(bits / dim) for random x."""
     rms = float(weight.float().pow(2).mean().sqrt())
     return strength * rms * math.sqrt(carrier.dim / carrier.bits)
 

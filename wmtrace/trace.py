@@ -104,7 +104,7 @@ def soft_bits(
     removed filters and input channels take no part) and the statistics follow from it. The fit
     looks only along the directions the mark was placed in, mostly ones the data rarely visits,
     where fine-tuning moves the weights least: after 2 epochs at the master's peak learning rate it
-    left 0 of 256 bits wrong where the plain projection of the difference left 9 (BENCHMARKS.md).
+    left 0 of 256 bits wrong where the plain projection of the difference left 5 (BENCHMARKS.md).
     """
     rows = found.carrier.rows
     delta = found.weight - master_weight.reshape(rows, -1).astype(np.float64)
@@ -118,30 +118,50 @@ def soft_bits(
 
 
 def _fit(delta: np.ndarray, known: np.ndarray, basis: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """Coefficients with delta[i] ~ basis @ (signs[:, i] * coef) on the known weights, by ridge least
+    """Coefficients with delta[i] ~ basis @ (signs[:, i] * coef) on the known weights, by least
     squares; refitted once without the `TRIM` fraction of filters that fit worst."""
     bits = basis.shape[1]
-    full = known.all(1)
-    gram_full = basis.T @ basis
     proj = delta @ basis  # rows x bits: basis' delta_i over the known weights (unknown ones are 0)
-    per_row = {i: (basis * known[i][:, None]).T @ basis for i in np.flatnonzero(~full & known.any(1))}
     use = known.any(1)
     coef = np.zeros(bits)
     for _ in range(2):
-        sf = signs[:, full & use]
-        a = gram_full * (sf @ sf.T)
-        for i, g in per_row.items():
-            if use[i]:
-                a += g * np.outer(signs[:, i], signs[:, i])
-        r = (proj[use] * signs[:, use].T).sum(0)
+        a = _normal(known, basis, signs, use)
         a += RIDGE * max(np.trace(a), 1e-30) / bits * np.eye(bits)
-        coef = np.linalg.solve(a, r)
+        coef = np.linalg.solve(a, (proj[use] * signs[:, use].T).sum(0))
         if use.sum() < 5:
             break
         resid = np.where(known, delta - (signs.T * coef) @ basis.T, 0.0)
         err = (resid**2).sum(1) / np.maximum(known.sum(1), 1)
         use = known.any(1) & (err <= np.quantile(err[known.any(1)], 1.0 - TRIM))
     return coef
+
+
+def _normal(known: np.ndarray, basis: np.ndarray, signs: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """The fit's normal matrix, sum over used filters i of (s_i s_i') * (B' diag(known_i) B), built
+    from whichever are fewer, the weights known or those missing: a quantized copy misses a few
+    weights in every filter, a pruned one most of them."""
+    gram = basis.T @ basis
+    full = use & known.all(1)
+    a = gram * (signs[:, full] @ signs[:, full].T)
+    part = np.flatnonzero(use & ~known.all(1))
+    if part.size:
+        missing = ~known[part]
+        if missing.sum() <= missing.size // 2:
+            a += gram * (signs[:, part] @ signs[:, part].T) - _outer_sum(missing, part, basis, signs)
+        else:
+            a += _outer_sum(~missing, part, basis, signs)
+    return a
+
+
+def _outer_sum(mask: np.ndarray, rows: np.ndarray, basis: np.ndarray, signs: np.ndarray,
+               block: int = 1 << 15) -> np.ndarray:
+    """Sum of u u' over the (filter, weight) pairs in `mask`, u = signs[:, filter] * basis[weight]."""
+    r, d = np.nonzero(mask)
+    out = np.zeros((basis.shape[1], basis.shape[1]))
+    for k in range(0, len(r), block):
+        u = signs.T[rows[r[k : k + block]]] * basis[d[k : k + block]]
+        out += u.T @ u
+    return out
 
 
 def extract(
