@@ -205,11 +205,6 @@ def select(
     return carriers
 
 
-def statistic(weight: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """Mean over output filters, flattened: Uchida et al.'s w."""
-    return weight.reshape(weight.shape[0], -1).mean(0)
-
-
 @dataclass(frozen=True)
 class Embedding:
     """How a carrier's filters move to give its bits chosen statistics; fixed per carrier and run.

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from . import accuse, codes
+from . import carriers as carriers_mod
 
 try:
     from . import formats
@@ -111,10 +112,9 @@ def soft_bits(
     known = ~np.isnan(delta)
     if not known.any():
         return np.full(secret.x.shape[0], np.nan)
-    basis = secret.x.T if metric is None else np.linalg.solve(metric, secret.x.T)  # dim x bits
-    coef = _fit(np.where(known, delta, 0.0), known, basis, secret.signs)
-    gram = (secret.signs @ secret.signs.T / rows) * (secret.x @ basis)
-    return (gram @ coef) / (math.sqrt(secret.x.shape[1]) * margin)
+    placed = carriers_mod.embedding_map(secret, metric)
+    coef = _fit(np.where(known, delta, 0.0), known, placed.basis, secret.signs)
+    return (placed.gram @ coef) / (math.sqrt(secret.x.shape[1]) * margin)
 
 
 def _fit(delta: np.ndarray, known: np.ndarray, basis: np.ndarray, signs: np.ndarray) -> np.ndarray:
