@@ -13,7 +13,6 @@ from tests import smalldata
 from wmtrace import api, attacks, example, formats
 from wmtrace.cli import app
 from wmtrace.data import load_fashion_mnist
-from wmtrace.errors import BadInput
 
 runner = CliRunner()
 
@@ -226,11 +225,19 @@ def test_removing_whole_filters_little_used_part_costs_more_and_accuses_nobody_e
         agree = {part: float((example.build_like(attacks.project(state, 0.5, trainer, part))(images).argmax(1)
                               == before).float().mean()) for part in ("mean", "filters")}
     assert agree["filters"] < agree["mean"]
-    r = _trace(attacks.project(state, 0.5, trainer, "filters"), issued[0], tmp_path)
+    out = tmp_path / "projected.safetensors"
+    args = ["attack", "project", b.file, "--strength", "0.5", "-o", str(out), "--data", "tests.smalldata:dataset"]
+    r = runner.invoke(app, [*args, "--part", "filters", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["mode"] == "filters"
+    assert torch.allclose(load_file(str(out))["features.7.weight"],
+                          attacks.project(state, 0.5, trainer, "filters")["features.7.weight"], atol=1e-6)
+    with api.open_registry(issued[0] / "registry") as reg:
+        r = api.trace(out, reg)
     named = {r.buyer["id"]} if r.buyer else {c["id"] for c in r.colluders}
     assert named <= {b.id}, r.to_dict()
-    with pytest.raises(BadInput):
-        attacks.project(state, 0.5, trainer, "rows")
+    bad = runner.invoke(app, [*args, "--part", "rows"])
+    assert bad.exit_code != 0 and "unknown part" in bad.output and "Traceback" not in bad.output
 
 
 def test_overwriting_with_the_attackers_own_mark_names_the_buyer(issued, tmp_path, trainer):
