@@ -120,3 +120,34 @@ def test_noise_only_copy_of_master_is_not_accused(issued, master_file, tmp_path)
     r = _trace(path, root)
     assert r.verdict == "no watermark" and r.master == "small"
     assert np.isfinite(r.bits)
+
+
+def test_a_master_registered_before_signed_carriers_still_issues_and_traces(workdir, master_file):
+    # Registries written before signed carriers hold carriers without a "signed" entry: their bits
+    # read the plain filter mean (Uchida et al.). Copies issued under them must keep tracing.
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(workdir / "registry" / "wmtrace.db")
+    (raw,) = db.execute("SELECT config FROM masters WHERE name = 'small'").fetchone()
+    config = json.loads(raw)
+    assert all(c["signed"] for c in config["carriers"])  # what new registrations write
+    for c in config["carriers"]:
+        del c["signed"]
+    db.execute("UPDATE masters SET config = ? WHERE name = 'small'", (json.dumps(config),))
+    db.commit()
+    db.close()
+    with api.open_registry(workdir / "registry") as reg:
+        (b,) = api.issue(reg, buyers=1, out=workdir / "legacy", eval_samples=0)
+    copy, master = load_file(b.file), load_file(str(master_file))
+    for c in config["carriers"]:  # a shift shared by every filter: the filter mean moved
+        delta = (copy[c["name"]] - master[c["name"]]).flatten(1)
+        assert float(delta.mean(0).norm()) > 0.9 * float(delta.norm(dim=1).mean())
+    r = _trace(b.file, workdir)
+    assert r.verdict == "identified" and r.buyer["id"] == b.id and r.bit_errors == 0
+    # A signed copy read under the plain statistic gives unrelated bits: nobody else is accused.
+    signed_copy = workdir / "out" / "buyer-0001.safetensors"
+    assert signed_copy.exists()
+    old = _trace(signed_copy, workdir)
+    named = {old.buyer["id"]} if old.buyer else {c["id"] for c in old.colluders}
+    assert named <= {1}, old.to_dict()
