@@ -71,9 +71,13 @@ class Secret:
     x: np.ndarray  # bits x dim, standard normal
     signs: np.ndarray  # bits x rows, +-1 (all +1: Uchida et al.'s filter mean)
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """Each bit's statistic of `rows` (filters x dim; a difference to the master, say)."""
-        return ((rows @ self.x.T) * self.signs.T).mean(0)
+    def read(self, rows: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Each bit's statistic of `rows` (filters x dim; a difference to the master, say); a
+        tensor stays a tensor, differentiable (repair's regularizer)."""
+        x, signs = self.x, self.signs
+        if isinstance(rows, torch.Tensor):
+            x, signs = (torch.from_numpy(a).to(rows.dtype) for a in (x, signs))
+        return ((rows @ x.T) * signs.T).mean(0)
 
 
 # A statistic averages this many rows at least: a classifier head's few rows average too little, and

@@ -79,10 +79,7 @@ def margin(weight: torch.Tensor, carrier: Carrier, strength: float) -> float:
 def soft_bits(weight: torch.Tensor, master_weight: torch.Tensor, secret: Secret, m: float) -> torch.Tensor:
     """Each bit's statistic of the difference to the master, in margins: +-1 when freshly embedded.
     Differentiable in `weight` (repair's regularizer)."""
-    x = torch.from_numpy(secret.x).to(weight.dtype)
-    signs = torch.from_numpy(secret.signs).to(weight.dtype)
-    delta = (weight - master_weight).reshape(weight.shape[0], -1)
-    return ((delta @ x.T) * signs.T).mean(0) / (math.sqrt(x.shape[1]) * m)
+    return secret.read((weight - master_weight).reshape(weight.shape[0], -1)) / (math.sqrt(secret.x.shape[1]) * m)
 
 
 def _patches(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
