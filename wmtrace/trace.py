@@ -122,10 +122,11 @@ def _fit(delta: np.ndarray, known: np.ndarray, basis: np.ndarray, signs: np.ndar
     squares; refitted once without the `TRIM` fraction of filters that fit worst."""
     bits = basis.shape[1]
     proj = delta @ basis  # rows x bits: basis' delta_i over the known weights (unknown ones are 0)
+    gram = basis.T @ basis
     use = known.any(1)
     coef = np.zeros(bits)
     for _ in range(2):
-        a = _normal(known, basis, signs, use)
+        a = _normal(known, basis, gram, signs, use)
         a += RIDGE * max(np.trace(a), 1e-30) / bits * np.eye(bits)
         coef = np.linalg.solve(a, (proj[use] * signs[:, use].T).sum(0))
         if use.sum() < 5:
@@ -136,11 +137,10 @@ def _fit(delta: np.ndarray, known: np.ndarray, basis: np.ndarray, signs: np.ndar
     return coef
 
 
-def _normal(known: np.ndarray, basis: np.ndarray, signs: np.ndarray, use: np.ndarray) -> np.ndarray:
+def _normal(known: np.ndarray, basis: np.ndarray, gram: np.ndarray, signs: np.ndarray, use: np.ndarray) -> np.ndarray:
     """The fit's normal matrix, sum over used filters i of (s_i s_i') * (B' diag(known_i) B), built
     from whichever are fewer, the weights known or those missing: a quantized copy misses a few
-    weights in every filter, a pruned one most of them."""
-    gram = basis.T @ basis
+    weights in every filter, a pruned one most of them. `gram` is basis' basis."""
     full = use & known.all(1)
     a = gram * (signs[:, full] @ signs[:, full].T)
     part = np.flatnonzero(use & ~known.all(1))
