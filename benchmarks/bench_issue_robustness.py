@@ -118,8 +118,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reg = api.open_registry(Path(tmp) / "registry", create=True)
         if args.master:
-            (reg.root / "cache").mkdir(exist_ok=True)
-            shutil.copy(args.master, reg.root / "cache" / f"{api.EXAMPLE_MASTER}.safetensors")
+            cached = reg.cache_path(f"{api.EXAMPLE_MASTER}.safetensors")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(args.master, cached)
         m = api.ensure_example(reg)
         arrays = master_arrays(m)
         key = reg.key(m.name)

@@ -103,8 +103,9 @@ def make(root: Path, args: argparse.Namespace) -> dict:
     shapes = llama_shapes(args.layers, args.hidden, args.intermediate, args.kv, args.vocab)
     state = random_state(shapes, seed=0)
     reg = Registry(root / "registry", create=True)
-    weights = reg.root / "masters" / f"{MASTER}.safetensors"
-    save_file(state, str(weights))
+    with reg.lock():  # creates the registry folder
+        weights = reg.weights_path(MASTER)
+        save_file(state, str(weights))
 
     spec = codes.CodeSpec(symbols=args.bits // 8)
     names = [f"model.layers.{i}.self_attn.k_proj.weight" for i in args.carrier_layers]

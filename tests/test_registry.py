@@ -1,19 +1,23 @@
 import multiprocessing as mp
+import os
 import socket
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
 
+from wmtrace import keys
 from wmtrace.errors import BadInput
 from wmtrace.registry import Master, Registry
 
 
 def _master(reg: Registry, name: str = "m") -> Master:
-    weights = reg.root / "masters" / f"{name}.safetensors"
-    weights.write_bytes(b"x")
-    m = Master(name, weights, "0" * 64, "pkg:build", None, {"carriers": []}, "f" * 16, 0.9)
-    reg.add_master(m)
+    with reg.lock():
+        weights = reg.weights_path(name)
+        weights.write_bytes(b"x")
+        m = Master(name, weights, "0" * 64, "pkg:build", None, {"carriers": []}, "f" * 16, 0.9)
+        reg.add_master(m)
     return m
 
 
@@ -60,8 +64,7 @@ def test_stale_reservation_is_resumed_not_duplicated(tmp_path):
 
 
 def test_concurrent_processes_never_share_an_id(tmp_path):
-    Registry(tmp_path, create=True)
-    with Registry(tmp_path) as reg:
+    with Registry(tmp_path, create=True) as reg:
         _master(reg)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -74,3 +77,79 @@ def test_concurrent_processes_never_share_an_id(tmp_path):
     assert len(ids) == 60 and len(set(ids)) == 60
     rows = sqlite3.connect(Path(tmp_path) / "wmtrace.db").execute("SELECT COUNT(*) FROM buyers").fetchone()
     assert rows[0] == 60
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_opening_for_creation_writes_nothing_until_the_first_write(tmp_path):
+    reg = Registry(tmp_path / "new", create=True)
+    assert reg.masters() == [] and reg.buyers() == [] and reg.audit_log() == []
+    assert not (tmp_path / "new").exists()
+    _master(reg)
+    root = tmp_path / "new"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE((root / "keys").stat().st_mode) == 0o700
+    assert stat.S_IMODE((root / "wmtrace.db").stat().st_mode) == 0o600  # it holds codewords and the audit log
+    assert [m.name for m in Registry(root).masters()] == ["m"]
+
+
+@pytest.mark.parametrize("kind", ["empty", "foreign"])
+def test_an_emptied_database_is_refused_not_recreated(tmp_path, kind):
+    """A 0-byte (or schema-less) wmtrace.db next to keys was once silently re-created as an empty
+    registry: every issued copy became untraceable, and the next init deleted the key."""
+    reg = Registry(tmp_path, create=True)
+    _master(reg)
+    keys.write(reg.key_path("m"), keys.generate())
+    reg.close()
+    (tmp_path / "wmtrace.db").write_bytes(b"")
+    if kind == "foreign":  # a real SQLite file, but not ours
+        sqlite3.connect(tmp_path / "wmtrace.db").execute("CREATE TABLE notes (x)").connection.commit()
+    before = tree(tmp_path)
+    for create in (False, True):
+        with pytest.raises(BadInput, match="not a wmtrace registry database"):
+            Registry(tmp_path, create=create)
+    assert tree(tmp_path) == before
+
+
+def test_keys_without_a_database_are_never_given_a_fresh_one(tmp_path):
+    reg = Registry(tmp_path, create=True)
+    _master(reg)
+    keys.write(reg.key_path("m"), keys.generate())
+    reg.close()
+    os.remove(tmp_path / "wmtrace.db")
+    before = tree(tmp_path)
+    with pytest.raises(BadInput, match="restore the registry from a backup"):
+        Registry(tmp_path, create=True)
+    assert tree(tmp_path) == before
+
+
+def test_a_key_that_is_not_the_registered_one_is_refused(tmp_path):
+    reg = Registry(tmp_path, create=True)
+    key = keys.generate()
+    with reg.lock():
+        keys.write(reg.key_path("m"), key)
+        reg.add_master(Master("m", reg.weights_path("m"), "0" * 64, "pkg:build", None, {}, keys.fingerprint(key), None))
+    assert reg.key("m") == key
+    os.remove(reg.key_path("m"))
+    keys.write(reg.key_path("m"), keys.generate())
+    with pytest.raises(BadInput, match="does not belong to master 'm'"):
+        reg.key("m")
+
+
+def test_the_registry_lock_is_reentrant_and_exclusive_across_processes(tmp_path):
+    reg = Registry(tmp_path, create=True)
+    ctx = mp.get_context("spawn")
+    with reg.lock(), reg.lock():
+        p = ctx.Process(target=_take_lock, args=(str(tmp_path),))
+        p.start()
+        p.join(timeout=3)
+        assert p.is_alive(), "another process took the lock while it was held"
+    p.join(timeout=60)
+    assert p.exitcode == 0
+
+
+def _take_lock(root: str) -> None:
+    with Registry(root).lock():
+        pass

@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from . import batches, codes, embed, fidelity, formats, keys
+from . import batches, codes, embed, failpoint, fidelity, formats, keys
 from . import carriers as carriers_mod
 from .errors import BadInput
 from .registry import Buyer, Master, Registry
-from .trace import load_moments, moments_file, trace_tensors
+from .trace import load_moments, trace_tensors
 from .trace import trace as _trace
 
 EXAMPLE_MASTER = "fashion-cnn"
@@ -241,36 +241,74 @@ def init(
     # The placement metric is fixed per master: issuing places marks with it, and tracing needs it to
     # recover a mark from the dimensions a structurally pruned copy has left.
     moments = {c.name: torch.from_numpy(mt) for c, mt in zip(chosen, metrics(chosen), strict=True) if mt is not None}
-    dest = reg.root / "masters" / f"{name}.safetensors"
-    moments_path = moments_file(dest)
     registered = {k: state[k] for k in extras} | {k: v.contiguous() for k, v in model.state_dict().items()}
-    formats.save_safetensors(registered, dest)
-    key = keys.generate()
+    with reg.lock():  # one registration at a time: the name is checked and taken under the lock
+        if any(m.name == name for m in reg.masters()):
+            raise BadInput(f"master {name!r} is already registered")
+        return _register(reg, name, registered, moments, factory, data, config, accuracy)
+
+
+def _register(reg: Registry, name: str, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
+              factory: str, data: str | None, config: dict, accuracy: float | None) -> Master:
+    """Write the master's files and its row; called under the registry lock, with the name free.
+
+    A key file already there (left by a registration killed before its row was written) is used, not
+    replaced: a key file is never deleted or overwritten, so no failure here can lose one. Files left
+    by such a run are rewritten; on failure only files this call created are removed."""
+    dest = reg.weights_path(name)
+    moments_path = reg.moments_path(dest)
+    created = [p for p in (dest, moments_path) if not p.exists()]
     try:
+        formats.save_safetensors(weights, dest)
+        failpoint.reached("init:weights")
         if moments:
             formats.save_safetensors(moments, moments_path)
-        keys.write(reg.key_path(name), key)
+        if reg.key_path(name).exists():
+            key = reg.key(name)
+        else:
+            key = keys.generate()
+            keys.write(reg.key_path(name), key)
+        failpoint.reached("init:key")
         m = Master(name, dest, sha256_file(dest), factory, data, config, keys.fingerprint(key), accuracy)
         reg.add_master(m)
+        failpoint.reached("init:registered")
     except BaseException:
-        reg.key_path(name).unlink(missing_ok=True)
-        dest.unlink(missing_ok=True)
-        moments_path.unlink(missing_ok=True)
+        if not any(x.name == name for x in reg.masters()):
+            for p in created:
+                p.unlink(missing_ok=True)
         raise
     return m
 
 
 def ensure_example(reg: Registry, epochs: int = 2, progress: Callable[[int, int], None] | None = None) -> Master:
-    """The bundled Fashion-MNIST master, trained once and registered, for commands run with no setup."""
-    for m in reg.masters():
-        if m.name == EXAMPLE_MASTER:
-            return m
-    from . import example
+    """The bundled Fashion-MNIST master, trained once and registered, for commands run with no setup.
+    Under the registry lock: of two first runs at once, one trains and registers, the other waits."""
+    with reg.lock():
+        for m in reg.masters():
+            if m.name == EXAMPLE_MASTER:
+                return m
+        from . import example
 
-    trained = reg.root / "cache" / f"{EXAMPLE_MASTER}.safetensors"
-    if not trained.exists():
-        example.train_master(trained, epochs=epochs, progress=progress)
-    return init(reg, EXAMPLE_MASTER, trained, EXAMPLE_FACTORY, EXAMPLE_DATA)
+        trained = reg.cache_path(f"{EXAMPLE_MASTER}.safetensors")
+        if not trained.exists():
+            trained.parent.mkdir(mode=0o700, exist_ok=True)
+            example.train_master(trained, epochs=epochs, progress=progress)
+        return init(reg, EXAMPLE_MASTER, trained, EXAMPLE_FACTORY, EXAMPLE_DATA)
+
+
+# Buyer names become file names (NAME.safetensors, and a hidden temporary beside it): one path
+# component, printable, short enough for any file system's 255-byte limit with room to spare.
+MAX_BUYER_NAME = 100
+
+
+def check_buyer_name(name: str) -> None:
+    """Refuse a buyer name that would not be a single, visible file name in the output folder."""
+    if not name:
+        raise BadInput("buyer names must be non-empty")
+    if len(name.encode()) > MAX_BUYER_NAME:
+        raise BadInput(f"buyer name {name[:40]!r}...: longer than {MAX_BUYER_NAME} bytes")
+    if name.startswith(".") or any(ch in "/\\" or not ch.isprintable() for ch in name):
+        raise BadInput(f"buyer name {name!r}: no '/', '\\', control characters or leading '.'")
 
 
 def _check_writable(out: Path) -> None:
@@ -308,10 +346,19 @@ def issue(
     else:
         if buyers is not None and buyers != len(names):
             raise BadInput(f"--buyers {buyers} does not match the {len(names)} names given")
-        if len(set(names)) != len(names) or not all(n.strip() for n in names):
-            raise BadInput("buyer names must be unique and non-empty")
         wanted = [n.strip() for n in names]
+        if len(set(wanted)) != len(wanted):
+            raise BadInput("buyer names must be unique")
+        for n in wanted:
+            check_buyer_name(n)
+    if eval_samples is not None and eval_samples < 0:
+        raise BadInput("--eval-samples must be 0 or more")
     m = reg.master(master) if master or reg.masters() else ensure_example(reg)
+    if names is not None:  # a names list is idempotent: names already issued are skipped
+        have = {b.name for b in reg.buyers(m.name)}
+        wanted = [n for n in wanted if n not in have]
+        if not wanted:
+            return []
     out = Path(out) if out is not None else Path.cwd() / "buyers" / m.name
     _check_writable(out)
 
@@ -331,8 +378,6 @@ def issue(
     stored = load_moments(m) if cfg.placement == "activation" else {}
     if train is None and (cfg.steps > 0 or (cfg.placement == "activation" and not stored)):
         raise BadInput(f"master {m.name!r} has no data entry point to fine-tune on")
-    if eval_samples is not None and eval_samples < 0:
-        raise BadInput("--eval-samples must be 0 or more")
     limit = m.config.get("eval_samples") if eval_samples is None else eval_samples
     test = _dataset(m.data, "test") if limit != 0 else None
     held_out = _tensors(test, limit) if test is not None else None
@@ -345,6 +390,7 @@ def issue(
     maps = [carriers_mod.embedding_map(s, mt) for s, mt in zip(secrets, metrics, strict=True)]
 
     reserved = reg.reserve(m.name, wanted)
+    failpoint.reached("issue:reserved")
     done: list[Buyer] = []
     try:
         for i, b in enumerate(reserved):
@@ -375,7 +421,9 @@ def issue(
                 formats.save_safetensors(final, path)
             b.file, b.sha256, b.status = str(path.resolve()), sha256_file(path), "issued"
             b.codeword = np.packbits(bits).tobytes().hex()
+            failpoint.reached("issue:written")
             reg.complete(b)
+            failpoint.reached("issue:completed")
             done.append(b)
             if progress is not None:
                 progress(len(done), len(reserved), cfg.steps, cfg.steps, b.margin)

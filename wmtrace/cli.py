@@ -14,14 +14,45 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import api
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 from .errors import WmtraceError
 
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (an unknown option, `--buyers abc`) as one `error:` line and exit code 2, like
+    every other error, instead of a boxed usage panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as e:
+            err.print(e.ctx.get_help() if e.ctx else str(e))
+            code = 2
+        except click_errors.ClickException as e:
+            command = f" (see 'wmtrace {e.ctx.command_path.partition(' ')[2]} --help')".replace("  ", " ") \
+                if getattr(e, "ctx", None) is not None else ""
+            err.print(Text.assemble(("error:", "red"), f" {e.format_message()}{command}"), soft_wrap=True)
+            code = e.exit_code
+        except typer.Abort:
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Per-buyer watermarks for neural network weights, and tracing of leaked copies.",
     no_args_is_help=True,
     add_completion=False,
@@ -33,8 +64,9 @@ attack_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(attack_app, name="attack")
-out = Console(soft_wrap=True)
-err = Console(stderr=True)
+# User strings (paths, names) are never read as Rich markup: styles are given as Text, not "[tags]".
+out = Console(soft_wrap=True, markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
 
 RegistryOpt = Annotated[
     Path | None, typer.Option("--registry", help="Registry folder [default: $WMTRACE_REGISTRY or ./registry]")
@@ -44,7 +76,7 @@ MasterOpt = Annotated[str | None, typer.Option("--master", help="Registered mast
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "red"), f" {message}"), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -60,7 +92,7 @@ def guarded(fn):
         except WmtraceError as e:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; run the same command again to resume", 130)
+            _fail("interrupted; nothing half-written was kept", 130)
         except OSError as e:
             if os.environ.get("WMTRACE_DEBUG"):
                 raise
@@ -137,7 +169,7 @@ def init(
     if as_json:
         _emit(info)
         return
-    out.print(f"registered master [bold]{m.name}[/bold] in {reg.root} (key {m.key_fingerprint})")
+    out.print(Text.assemble("registered master ", (m.name, "bold"), f" in {reg.root} (key {m.key_fingerprint})"))
     for c in info["carriers"]:
         out.print(f"  carrier {c['name']} {tuple(c['shape'])}: {c['bits']} bits")
     if m.accuracy is not None:
@@ -193,6 +225,7 @@ def issue(
     tasks: dict[str, int] = {}
 
     def progress(done: int, n: int, step: int, steps: int, margin: float) -> None:
+        count["done"] = done
         if not tasks:
             tasks["buyers"] = bar.add_task("buyers issued", total=n, info="", done=0)
         repairing = 0 < step < steps
@@ -200,15 +233,25 @@ def issue(
         bar.update(tasks["buyers"], completed=done + (step / steps if repairing else 0), done=done,
                    info=f"{info}bit margin {margin:.2f}")
 
-    with bar:
-        issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress, eval_samples=eval_samples)
+    count = {"done": 0, "of": len(name_list) if name_list is not None else buyers}
+    try:
+        with bar:
+            issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress, eval_samples=eval_samples)
+    except KeyboardInterrupt:
+        rest = "run the same command again: names already issued are skipped" if name_list is not None else \
+            f"'--buyers {count['of'] - count['done']}' issues the rest"
+        _fail(f"interrupted after {count['done']} of {count['of']} copies, each of them written and registered; "
+              f"{rest}", 130)
+    skipped = [n for n in name_list or [] if n not in {b.name for b in issued}]
+    if skipped and not as_json:
+        err.print(f"{len(skipped)} of the names were issued before and are skipped")
     rows = [
         {"id": b.id, "name": b.name, "file": b.file, "agreement": b.agreement, "accuracy": b.accuracy,
          "cosine": b.cosine}
         for b in issued
     ]
     if as_json:
-        _emit({"buyers": rows})
+        _emit({"buyers": rows, "skipped": skipped})
         return
     encoder = any(r["cosine"] is not None for r in rows)
     columns = ("cosine", "retrieval agreement") if encoder else ("agreement", "accuracy")
@@ -247,7 +290,7 @@ def trace(
 
 def _print_trace(r) -> None:
     colour = {"identified": "green", "colluders": "magenta", "no watermark": "yellow"}.get(r.verdict, "red")
-    out.print(f"[bold {colour}]{r.verdict}[/bold {colour}]  {r.file}")
+    out.print(Text.assemble((r.verdict, f"bold {colour}"), f"  {r.file}"))
     if r.master:
         out.print(f"  master: {r.master}")
     for c in r.carriers:
@@ -255,12 +298,12 @@ def _print_trace(r) -> None:
     if r.colluders:
         out.print(f"  {r.reason}")
         for c in r.colluders:
-            out.print(
-                f"  accused: [bold]{c['name']}[/bold] (id {c['id']}): score {c['score']:.2f}, "
+            out.print(Text.assemble(
+                "  accused: ", (c["name"], "bold"), f" (id {c['id']}): score {c['score']:.2f}, "
                 f"probability that an innocent buyer scores this high <= {c['false_accusation_bound']:.2e}"
-            )
+            ))
     elif r.buyer:
-        out.print(f"  buyer: [bold]{r.buyer['name']}[/bold] (id {r.buyer['id']})")
+        out.print(Text.assemble("  buyer: ", (r.buyer["name"], "bold"), f" (id {r.buyer['id']})"))
         out.print(
             f"  evidence: {r.bit_errors} of {r.bits - r.bits_missing} bits flipped, {r.bits_missing} missing; "
             f"{r.symbol_errors} symbol errors corrected, {r.erasures} erasures"
@@ -351,9 +394,9 @@ def demo(
 
     _print_trace(TraceResult(**story["trace"]))
     if story["correct"]:
-        out.print("[bold green]correct buyer named[/bold green]")
+        out.print("correct buyer named", style="bold green")
     else:
-        out.print("[bold red]wrong or no buyer[/bold red]")
+        out.print("wrong or no buyer", style="bold red")
     raise typer.Exit(0 if story["correct"] else 1)
 
 

@@ -25,24 +25,39 @@ def generate() -> bytes:
 
 
 def write(path: str | os.PathLike, key: bytes) -> None:
-    """Create the key file with mode 0600 from the start: never a moment when others can read it."""
+    """Create the key file, mode 0600 from the start (never a moment when others can read it), and
+    atomically: it is written and synced under a temporary name, then linked into place, so the key
+    file either does not exist or holds the whole key, whenever the process dies. Never replaces an
+    existing file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError as e:
-        raise BadInput(f"{path}: key file already exists; refusing to overwrite it") from e
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as e:
         raise BadInput(f"{path}: cannot create key file ({e.strerror})") from e
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, key.hex().encode() + b"\n")
-        os.fsync(fd)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, key.hex().encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    except FileExistsError as e:
+        raise BadInput(f"{path}: key file already exists; refusing to overwrite it") from e
     except OSError as e:
-        os.close(fd)
-        path.unlink(missing_ok=True)
         raise BadInput(f"{path}: cannot write key file ({e.strerror})") from e
-    os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:  # the link's directory entry survives a power cut too
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 def read(path: str | os.PathLike) -> bytes:

@@ -1,9 +1,9 @@
-"""The seller's registry: masters, their keys, buyers, issued files and an audit log.
+"""The registry's database (SQLite): masters, buyers and an audit log; files are `store`'s.
 
-An SQLite file plus two folders (`keys/`, mode 0700 with 0600 files, and `masters/`, copies of
-the registered master weights). Buyer IDs are reserved inside an IMMEDIATE transaction, so two
-issuing processes on one registry never hand out the same ID; a reservation whose process died
-is taken over by the next `issue`, so an interrupted run resumes rather than leaving holes.
+Buyer IDs are reserved inside an IMMEDIATE transaction, so two issuing processes on one registry
+never hand out the same ID; a reservation whose process died is taken over by the next `issue`,
+so an interrupted run resumes rather than leaving holes. An existing database file is used only
+when it holds this schema: an emptied or foreign file is refused, never silently replaced.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import keys
-from .errors import BadInput
+from .. import keys
+from ..errors import BadInput
+from .records import Buyer, Master
+from .store import Layout, default_path
 
-DB_NAME = "wmtrace.db"
+TABLES = ("masters", "buyers", "audit")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS masters (
     name TEXT PRIMARY KEY,
@@ -61,52 +62,6 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
-@dataclass
-class Master:
-    name: str
-    weights: Path
-    weights_sha256: str
-    factory: str
-    data: str | None
-    config: dict
-    key_fingerprint: str
-    accuracy: float | None
-
-
-@dataclass
-class Buyer:
-    master: str
-    id: int
-    name: str
-    status: str
-    file: str | None = None
-    sha256: str | None = None
-    agreement: float | None = None
-    accuracy: float | None = None
-    margin: float | None = None
-    codeword: str | None = None
-    # Mean cosine similarity of the copy's outputs to the master's (encoders; None for classifiers).
-    cosine: float | None = None
-    extra: dict = field(default_factory=dict)
-
-    def public(self) -> dict:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "master": self.master,
-            "status": self.status,
-            "file": self.file,
-            "sha256": self.sha256,
-            "agreement": self.agreement,
-            "accuracy": self.accuracy,
-            "cosine": self.cosine,
-        }
-
-
-def default_path() -> Path:
-    return Path(os.environ.get("WMTRACE_REGISTRY") or Path.cwd() / "registry")
-
-
 def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -127,26 +82,78 @@ def _owner_alive(owner: str | None) -> bool:
 
 
 class Registry:
+    """One registry folder. With `create=True` nothing is written until the first write (a
+    registration, a reservation): a command that fails its checks leaves no folder behind."""
+
     def __init__(self, root: str | os.PathLike | None = None, create: bool = False):
-        self.root = Path(root) if root is not None else default_path()
-        db = self.root / DB_NAME
-        if not db.exists():
-            if not create:
-                raise BadInput(f"no wmtrace registry at {self.root} (run 'wmtrace init' or 'wmtrace issue')")
-            try:
-                (self.root / "keys").mkdir(parents=True, exist_ok=True, mode=0o700)
-                (self.root / "masters").mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise BadInput(f"{self.root}: cannot create registry ({e.strerror})") from e
+        self.layout = Layout(root if root is not None else default_path())
+        self.root = self.layout.root
+        self.conn: sqlite3.Connection | None = None
+        self._lock_depth = 0
+        if self.layout.db.exists() or self.layout.db.is_symlink():
+            self._connect()
+        elif not create:
+            raise BadInput(f"no wmtrace registry at {self.root} (run 'wmtrace init' or 'wmtrace issue')")
+        else:
+            orphans = self.layout.secrets_present()
+            if orphans:  # checked again at creation; said here so a command fails before any work
+                raise BadInput(
+                    f"{self.root} holds keys or masters ({orphans[0].name}) but no database: restore the registry "
+                    "from a backup rather than starting a new one over them"
+                )
+
+    def _connect(self) -> None:
+        db = self.layout.db
+        if not db.is_file():
+            raise BadInput(f"{db}: not a regular file")
         try:
-            self.conn = sqlite3.connect(db, timeout=60, isolation_level=None)
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA busy_timeout = 60000")
-            self.conn.execute("PRAGMA foreign_keys = ON")
-            self.conn.executescript(SCHEMA)
-            self._migrate()
+            conn = sqlite3.connect(db, timeout=60, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 60000")
+            conn.execute("PRAGMA foreign_keys = ON")
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as e:
             raise BadInput(f"{db}: not a usable wmtrace registry ({e})") from e
+        missing = [t for t in TABLES if t not in tables]
+        if missing:
+            conn.close()
+            empty = " (the file is empty)" if db.stat().st_size == 0 else ""
+            raise BadInput(
+                f"{db}: not a wmtrace registry database{empty}, no {missing[0]!r} table; restore it from a backup "
+                "(wmtrace registry restore) or move it away"
+            )
+        self.conn = conn
+        self._migrate()
+
+    def _db(self) -> sqlite3.Connection:
+        """The connection, creating the registry on first write."""
+        if self.conn is None:
+            self.layout.create(SCHEMA)
+            self._connect()
+        return self.conn
+
+    def _rows(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
+        """A read; a registry not created yet holds no rows."""
+        return [] if self.conn is None else self.conn.execute(sql, args).fetchall()
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Registry-wide lock for registering masters (re-entrant within this object). Creates the
+        registry: the lock lives in its folder."""
+        self._db()
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with self.layout.locked():
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     def _migrate(self) -> None:
         """Columns added since a registry was created; old registries keep working."""
@@ -158,7 +165,8 @@ class Registry:
                 pass
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
 
     def __enter__(self) -> Registry:
         return self
@@ -169,20 +177,21 @@ class Registry:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """IMMEDIATE: take the write lock up front, so read-then-write sequences are atomic."""
+        conn = self._db()
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
             raise BadInput(f"registry {self.root} is busy or unwritable ({e})") from e
         try:
-            yield self.conn
+            yield conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK")
             raise
         else:
             try:
-                self.conn.execute("COMMIT")
+                conn.execute("COMMIT")
             except sqlite3.OperationalError as e:
-                self.conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise BadInput(f"registry {self.root}: cannot write ({e})") from e
 
     def audit(self, conn: sqlite3.Connection, action: str, master: str | None, **detail) -> None:
@@ -193,10 +202,26 @@ class Registry:
 
     # Keys ------------------------------------------------------------------------------------
     def key_path(self, master: str) -> Path:
-        return self.root / "keys" / f"{master}.key"
+        return self.layout.key(master)
+
+    def weights_path(self, master: str) -> Path:
+        return self.layout.weights(master)
+
+    def moments_path(self, weights: str | os.PathLike) -> Path:
+        return self.layout.moments(weights)
+
+    def cache_path(self, name: str) -> Path:
+        return self.layout.cache / name
 
     def key(self, master: str) -> bytes:
-        return keys.read(self.key_path(master))
+        """The master's secret, checked against the fingerprint recorded at registration: a key file
+        swapped or regenerated is refused rather than used to accuse anyone."""
+        key = keys.read(self.key_path(master))
+        row = self._rows("SELECT key_fingerprint FROM masters WHERE name = ?", (master,))
+        if row and row[0][0] != keys.fingerprint(key):
+            raise BadInput(f"{self.key_path(master)}: key file does not belong to master {master!r} "
+                           "(fingerprint differs from the registered one); restore the key from a backup")
+        return key
 
     # Masters ---------------------------------------------------------------------------------
     def add_master(self, m: Master) -> None:
@@ -232,7 +257,7 @@ class Registry:
         )
 
     def masters(self) -> list[Master]:
-        return [self._master(r) for r in self.conn.execute("SELECT * FROM masters ORDER BY created")]
+        return [self._master(r) for r in self._rows("SELECT * FROM masters ORDER BY created")]
 
     def master(self, name: str | None = None) -> Master:
         """The named master, or the only one when no name is given."""
@@ -263,11 +288,11 @@ class Registry:
             q, args = q + " AND master = ?", [*args, master]
         if status is not None:
             q, args = q + " AND status = ?", [*args, status]
-        return [self._buyer(r) for r in self.conn.execute(q + " ORDER BY master, id", args)]
+        return [self._buyer(r) for r in self._rows(q + " ORDER BY master, id", args)]
 
     def buyer(self, master: str, buyer_id: int) -> Buyer | None:
-        r = self.conn.execute("SELECT * FROM buyers WHERE master = ? AND id = ?", (master, buyer_id)).fetchone()
-        return self._buyer(r) if r else None
+        rows = self._rows("SELECT * FROM buyers WHERE master = ? AND id = ?", (master, buyer_id))
+        return self._buyer(rows[0]) if rows else None
 
     def reserve(self, master: str, names: list[str | None]) -> list[Buyer]:
         """Reserve one new ID per name (None: a generated name), taking over reservations
@@ -331,7 +356,7 @@ class Registry:
             self.audit(c, "trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
 
     def audit_log(self, limit: int = 100) -> list[dict]:
-        rows = self.conn.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
+        rows = self._rows("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
         return [
             {"seq": r["seq"], "at": r["at"], "action": r["action"], "master": r["master"],
              "detail": json.loads(r["detail"])}

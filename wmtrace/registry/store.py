@@ -1,0 +1,114 @@
+"""The registry's folder: the one module that knows where each file lives and how it is created.
+
+    ROOT/                    0700
+      wmtrace.db             0600  SQLite: masters, buyers, audit (schema in `sqlite`)
+      registry.lock          0600  held (flock) while a master is registered or the example set up
+      keys/MASTER.key        0600  the master's secret: lose it and no issued copy can be traced
+      masters/MASTER.safetensors, MASTER.moments.safetensors   the registered weights and metric
+      cache/                       the bundled example master, trained once
+
+The rules that keep a key from ever being lost live here: a database is only ever created next to
+no keys and no masters (a missing or emptied database beside existing keys means a damaged
+registry, to be restored, never silently restarted), and it is published atomically, so a
+concurrent process sees either no database or a complete one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import BadInput
+
+DB_NAME = "wmtrace.db"
+LOCK_NAME = "registry.lock"
+KEYS, MASTERS, CACHE = "keys", "masters", "cache"
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("WMTRACE_REGISTRY") or Path.cwd() / "registry")
+
+
+class Layout:
+    """Paths inside one registry folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.db = self.root / DB_NAME
+        self.lock_file = self.root / LOCK_NAME
+        self.keys = self.root / KEYS
+        self.masters = self.root / MASTERS
+        self.cache = self.root / CACHE
+
+    def key(self, master: str) -> Path:
+        return self.keys / f"{master}.key"
+
+    def weights(self, master: str) -> Path:
+        return self.masters / f"{master}.safetensors"
+
+    def moments(self, weights: str | os.PathLike) -> Path:
+        """The placement metric stored beside a master's registered weights."""
+        weights = Path(weights)
+        return weights.with_name(weights.name.removesuffix(".safetensors") + ".moments.safetensors")
+
+    def secrets_present(self) -> list[Path]:
+        """Keys and registered masters already in the folder (what a fresh database would orphan)."""
+        found: list[Path] = []
+        for folder in (self.keys, self.masters):
+            if folder.is_dir():
+                found += sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        return found
+
+    def create(self, schema: str) -> None:
+        """Make the folders (0700) and publish a database holding `schema` (0600), unless one exists.
+
+        Refuses when keys or master copies are present without a database: that registry lost its
+        database, and a new empty one would hide every issued copy (the road to deleting its keys)."""
+        try:
+            for folder in (self.root, self.keys, self.masters):
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"{self.root}: cannot create registry ({e.strerror})") from e
+        if self.db.exists():
+            return
+        orphans = self.secrets_present()
+        if orphans:
+            raise BadInput(
+                f"{self.root} holds keys or masters ({orphans[0].name}) but no database {DB_NAME}: restore the "
+                "registry from a backup rather than starting a new one over them"
+            )
+        tmp = self.root / f".{DB_NAME}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.close(fd)
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.executescript(schema)
+            finally:
+                conn.close()
+            try:
+                os.link(tmp, self.db)  # never replaces: a database published meanwhile is kept
+            except FileExistsError:
+                pass
+        except (OSError, sqlite3.Error) as e:
+            reason = getattr(e, "strerror", None) or e
+            raise BadInput(f"{self.db}: cannot create the registry database ({reason})") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the registry-wide lock (flock: released by the kernel if the process dies)."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise BadInput(f"{self.lock_file}: cannot open the registry lock ({e.strerror})") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
