@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import untrusted
 from .errors import BadInput
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
@@ -40,8 +42,7 @@ def _float32(t: torch.Tensor) -> np.ndarray | None:
 
 
 def _kind(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(16)
+    head = untrusted.read_head(path, 16)
     if not head:
         raise BadInput(f"{path}: file is empty")
     if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
@@ -111,17 +112,14 @@ def _shard_entries(path: Path) -> dict[str, _Entry]:
     return out
 
 
-def _read(e: _Entry) -> np.ndarray:
-    """One weight as float32, dequantized when stored as int8."""
-    from safetensors import safe_open
-
+def _read(e: _Entry, f) -> np.ndarray:
+    """One weight as float32, dequantized when stored as int8; `f` is its shard, open (`safe_open`)."""
     try:
-        with safe_open(str(e.file), framework="pt") as f:  # torch, since numpy has no bfloat16
-            t = f.get_tensor(e.key)
-            if e.scale is None:
-                return _float32(t)
-            s = f.get_tensor(e.scale).to(torch.float32).numpy().reshape(-1)
-            zero = None if e.zero is None else f.get_tensor(e.zero).to(torch.float32).numpy().reshape(-1)
+        t = f.get_tensor(e.key)  # torch, since numpy has no bfloat16
+        if e.scale is None:
+            return _float32(t)
+        s = f.get_tensor(e.scale).to(torch.float32).numpy().reshape(-1)
+        zero = None if e.zero is None else f.get_tensor(e.zero).to(torch.float32).numpy().reshape(-1)
     except Exception as err:
         raise BadInput(f"{e.file}: corrupt or truncated safetensors file ({_line(err)})") from err
     per_channel = s.size > 1
@@ -171,13 +169,26 @@ class _LazySafetensors(TensorSource):
         self._entries = entries
         self.dtypes = {k: _DTYPE_NAMES[e.dtype] for k, e in entries.items() if e.dtype in _DTYPE_NAMES}
         self.files = sorted({e.file for e in entries.values()})
+        # Shards stay open once read: opening one parses its whole header, so reopening it for every
+        # tensor made reading n tensors cost n^2 (2,000 decoy tensors: 6 s of header parsing).
+        self._open: dict[Path, object] = {}
 
     def load(self, name: str) -> np.ndarray:
-        return _read(self._entries[name])
+        from safetensors import safe_open
+
+        e = self._entries[name]
+        if e.file not in self._open:
+            if len(self._open) >= 64:  # a folder of thousands of shards must not run out of file handles
+                self._open.clear()
+            try:
+                self._open[e.file] = safe_open(str(e.file), framework="pt")
+            except Exception as err:
+                raise BadInput(f"{e.file}: corrupt or truncated safetensors file ({_line(err)})") from err
+        return _read(e, self._open[e.file])
 
 
 class _Loaded(TensorSource):
-    """Formats read whole (ONNX, checkpoints), behind the same interface."""
+    """Formats read whole (ONNX), behind the same interface."""
 
     def __init__(self, arrays: dict[str, np.ndarray]):
         super().__init__({k: tuple(v.shape) for k, v in arrays.items()})
@@ -194,17 +205,26 @@ def _safetensors(*shards: Path) -> TensorSource:
     return _LazySafetensors(entries)
 
 
-def _flatten(obj, prefix: str, out: dict[str, np.ndarray]) -> None:
-    if isinstance(obj, torch.Tensor):
-        a = _float32(obj)
-        if a is not None:
-            out[prefix] = a
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+class _LazyTorch(TensorSource):
+    """A loaded checkpoint's float tensors, each converted to float32 only when asked for: tensors
+    may share one storage (tied weights, or a hostile file's thousand views of it), so converting
+    them all up front could take many times the file's size."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__({k: tuple(v.shape) for k, v in tensors.items()})
+        self._tensors = tensors
+
+    def load(self, name: str) -> np.ndarray:
+        return _float32(self._tensors[name])
 
 
-def _checkpoint(path: Path) -> dict[str, np.ndarray]:
+def _checkpoint(path: Path) -> TensorSource:
+    """Checks before loading (zip members: `untrusted.check_zip`) and after (strides:
+    `untrusted.check_strides`); legacy (non-zip) checkpoints need no check before: torch reads their
+    storages from the file as it goes, so a declared size beyond the file fails without the memory
+    (a 4 GiB storage declared in a 4 MB file: refused at 0.3 GB)."""
+    if untrusted.read_head(path, 4) == b"PK\x03\x04":
+        untrusted.check_zip(path, os.stat(path).st_size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol notices are not the user's concern
@@ -215,18 +235,19 @@ def _checkpoint(path: Path) -> dict[str, np.ndarray]:
             raise BadInput(f"{path}: not a plain state dict (refusing to unpickle arbitrary objects such as "
                            f"{found.group(1)})") from e
         raise BadInput(f"{path}: corrupt checkpoint or not a plain state dict") from e
-    except Exception as e:  # zip errors, truncation, unknown storage types
+    except Exception as e:  # zip errors, truncation, unknown storage types, allocations refused
         raise BadInput(f"{path}: corrupt or truncated checkpoint ({_line(e)})") from e
     if isinstance(obj, dict):
         for k in CHECKPOINT_KEYS:
             if isinstance(obj.get(k), dict):
                 obj = obj[k]
                 break
-    out: dict[str, np.ndarray] = {}
-    _flatten(obj, "", out)
+    tensors = untrusted.tensors_in(obj)
+    untrusted.check_strides(path, tensors)
+    out = {k: t for k, t in tensors if t.layout == torch.strided and t.is_floating_point()}
     if not out:
         raise BadInput(f"{path}: checkpoint holds no floating-point tensors")
-    return out
+    return _LazyTorch(out)
 
 
 def _inside(base: Path, location: str) -> bool:
@@ -269,11 +290,7 @@ def _onnx(path: Path) -> dict[str, np.ndarray]:
     except Exception as e:
         raise BadInput(f"{path}: corrupt or truncated ONNX file") from e
     base = path.parent
-    for t in external_data_helper._get_all_tensors(model):
-        if external_data_helper.uses_external_data(t):
-            location = {e.key: e.value for e in t.external_data}.get("location", "")
-            if not _inside(base, location):
-                raise BadInput(f"{path}: external data {location!r} of {t.name!r} lies outside the model's folder")
+    untrusted.check_onnx(model, base, path, _inside)  # before anything is read or converted
     try:
         external_data_helper.load_external_data_for_model(model, str(base))
     except Exception as e:
@@ -325,16 +342,39 @@ def _onnx(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _model_files(path: Path) -> list[Path]:
+    """The entries of a folder named like model files, each a regular file inside the folder.
+
+    A leaked folder is untrusted like a file: a symlink is followed only when it resolves inside the
+    folder, and one that leads outside is refused (a shard from elsewhere on the disk would be read
+    as part of the model); a fifo, socket or device so named is refused without being opened
+    (opening a fifo blocks). Entries not named like model files are ignored, never opened.
+    """
+    names = (".safetensors", ".safetensors.index.json", ".onnx", *CHECKPOINT_SUFFIXES)
+    out = []
+    for p in sorted(path.iterdir()):
+        if not p.name.endswith(names):
+            continue
+        if not _inside(path, p.name):
+            raise BadInput(f"{p}: links outside the folder {path}")
+        if os.path.isdir(p):
+            continue
+        untrusted.regular_file(p)
+        out.append(p)
+    return out
+
+
 def _folder(path: Path) -> TensorSource:
-    index = sorted(path.glob("*.safetensors.index.json"))
+    files = _model_files(path)
+    index = [p for p in files if p.name.endswith(".safetensors.index.json")]
     if index:
         return _index(index[0])
-    shards = sorted(path.glob("*.safetensors"))
+    shards = [p for p in files if p.name.endswith(".safetensors")]
     if shards:
         return _safetensors(*shards)
     # A single .onnx wins (its external data may well end in .bin); otherwise a single checkpoint.
     for suffixes in ((".onnx",), CHECKPOINT_SUFFIXES):
-        found = [p for p in sorted(path.iterdir()) if p.suffix in suffixes and p.is_file()]
+        found = [p for p in files if p.suffix in suffixes]
         if len(found) == 1:
             return open_tensors(found[0])
         if found:
@@ -343,6 +383,7 @@ def _folder(path: Path) -> TensorSource:
 
 
 def _index(path: Path) -> TensorSource:
+    untrusted.regular_file(path)
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
@@ -353,8 +394,9 @@ def _index(path: Path) -> TensorSource:
     for s in shards:
         if not _inside(path.parent, s):
             raise BadInput(f"{path}: shard {s!r} lies outside the index's folder")
-        if not (path.parent / s).is_file():
+        if not (path.parent / s).exists():
             raise BadInput(f"{path}: shard {s} is missing")
+        untrusted.regular_file(path.parent / s, "shard")
     return _safetensors(*(path.parent / s for s in shards))
 
 
@@ -368,10 +410,16 @@ def open_tensors(path: str | os.PathLike) -> TensorSource:
     have no cheap per-tensor access and are read whole.
     """
     path = Path(path)
-    if path.is_dir():
+    try:
+        st = os.stat(path)  # symlinks followed: a link to /dev/zero is a device, not a file
+    except FileNotFoundError as e:
+        raise BadInput(f"{path}: no such file") from e
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: cannot read ({getattr(e, 'strerror', None) or _line(e)})") from e
+    if stat.S_ISDIR(st.st_mode):
         return _folder(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInput(f"{path}: not a regular file")
     if path.name.endswith(".index.json"):
         return _index(path)
     try:
@@ -380,8 +428,10 @@ def open_tensors(path: str | os.PathLike) -> TensorSource:
         raise BadInput(f"{path}: cannot read ({e.strerror or _line(e)})") from e
     if kind == "safetensors":
         source = _safetensors(path)
+    elif kind == "checkpoint":
+        source = _checkpoint(path)
     else:
-        source = _Loaded({"checkpoint": _checkpoint, "onnx": _onnx}[kind](path))
+        source = _Loaded(_onnx(path))
     if not source:
         raise BadInput(f"{path}: holds no floating-point weights")
     return source
