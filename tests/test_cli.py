@@ -197,3 +197,87 @@ def test_checkpoint_of_plain_tensors_is_accepted(workdir, tmp_path):
 
     torch.save(load_file(f), tmp_path / "plain.pth")
     assert run("trace", tmp_path / "plain.pth", registry=reg).exit_code == 0
+
+
+def test_paths_and_names_are_printed_as_text_never_as_markup(workdir, tmp_path):
+    """A path holding "[/x]" once crashed Rich's markup parser after the verdict was logged."""
+    reg = workdir / "registry"
+    names = tmp_path / "names.txt"
+    names.write_text("[b]acme[red]\n")
+    r = run("issue", "--names", names, "--out", tmp_path / "o", registry=reg)
+    assert r.exit_code == 0, r.output
+    assert "[b]acme[red]" in r.stdout
+    f = json.loads(run("buyers", "--json", registry=reg).stdout)["buyers"][-1]["file"]
+    odd = tmp_path / "leak [/x] [red]" / "copy[/bold].safetensors"
+    odd.parent.mkdir(parents=True)
+    odd.write_bytes(Path(f).read_bytes())
+    r = run("trace", odd, registry=reg)
+    assert r.exit_code == 0, r.output
+    assert str(odd) in r.stdout and "buyer: [b]acme[red]" in r.stdout
+    missing = odd.parent / "missing[/b].onnx"
+    r = run("trace", missing, registry=reg)
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: {missing}: no such file"
+
+
+@pytest.mark.parametrize("name", ["../escaped-up", "/tmp/absolute", "a/b", ".hidden", "x" * 300, "tab\there"])
+def test_buyer_names_that_are_not_one_file_name_are_refused_before_anything_is_issued(workdir, tmp_path, name):
+    reg = workdir / "registry"
+    names = tmp_path / "names.txt"
+    names.write_text(f"fine-first\n{name}\n")
+    before = snapshot(reg)
+    r = run("issue", "--names", names, "--out", tmp_path / "out" / "deep", registry=reg)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "buyer name" in r.stderr, r.output
+    assert snapshot(reg) == before
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escaped-up.safetensors").exists()
+
+
+def test_a_names_list_run_again_issues_only_the_names_not_issued_yet(workdir, tmp_path):
+    reg = workdir / "registry"
+    names = tmp_path / "names.txt"
+    names.write_text("acme\nglobex\n")
+    first = json.loads(run("issue", "--names", names, "--out", tmp_path / "o", "--json", registry=reg).stdout)
+    assert [b["name"] for b in first["buyers"]] == ["acme", "globex"] and first["skipped"] == []
+    names.write_text("acme\nglobex\ninitech\n")
+    r = run("issue", "--names", names, "--out", tmp_path / "o", "--json", registry=reg)
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert [b["name"] for b in again["buyers"]] == ["initech"] and again["skipped"] == ["acme", "globex"]
+    listed = [b["name"] for b in json.loads(run("buyers", "--json", registry=reg).stdout)["buyers"]]
+    assert listed.count("acme") == 1 and "initech" in listed
+
+
+@pytest.mark.parametrize("args", [["issue", "--buyers", "abc"], ["trace"], ["attack", "prune", "--bogus", "1"],
+                                  ["nonsense"]])
+def test_usage_errors_are_one_line(tmp_path, args):
+    r = run(*args, registry=tmp_path / "reg")
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert not (tmp_path / "reg").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["issue", "--buyers", "0"],
+    ["issue", "--buyers", "1", "--eval-samples", "-1"],
+    ["init", "--name", "m", "--weights", "{master}", "--model", "no.such.module:build"],
+    ["init", "--name", "../m", "--weights", "{master}"],
+    ["init", "--name", "m", "--weights", "{master}", "--strength", "7"],
+])
+def test_a_failing_first_command_creates_no_registry(tmp_path, master_file, args):
+    args = [a.replace("{master}", str(master_file)) for a in args]
+    r = run(*args, registry=tmp_path / "reg")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "reg").exists()
+
+
+def test_every_trace_is_in_the_audit_log(workdir, master_file):
+    from wmtrace import api
+
+    reg = workdir / "registry"
+    buyers = json.loads(run("buyers", "--json", registry=reg).stdout)["buyers"]
+    assert run("trace", buyers[1]["file"], registry=reg).exit_code == 0
+    assert run("trace", master_file, registry=reg).exit_code == 1
+    with api.open_registry(reg) as r:
+        traces = [e for e in r.audit_log() if e["action"] == "trace"][:2]
+    assert [(e["detail"]["file"], e["detail"]["verdict"], e["detail"]["buyer"]) for e in traces] == [
+        (str(master_file), "no watermark", None), (buyers[1]["file"], "identified", buyers[1]["id"])]

@@ -311,6 +311,25 @@ def check_buyer_name(name: str) -> None:
         raise BadInput(f"buyer name {name!r}: no '/', '\\', control characters or leading '.'")
 
 
+def check_issue(buyers: int | None, names: list[str] | None, eval_samples: int | None) -> list[str | None]:
+    """The names to issue (None: a generated one), or BadInput: every check `issue` can make before
+    it touches the registry, so that a bad request changes nothing."""
+    if eval_samples is not None and eval_samples < 0:
+        raise BadInput("--eval-samples must be 0 or more")
+    if names is None:
+        if buyers is None or buyers < 1:
+            raise BadInput("--buyers must be at least 1")
+        return [None] * buyers
+    if buyers is not None and buyers != len(names):
+        raise BadInput(f"--buyers {buyers} does not match the {len(names)} names given")
+    wanted = [n.strip() for n in names]
+    if len(set(wanted)) != len(wanted):
+        raise BadInput("buyer names must be unique")
+    for n in wanted:
+        check_buyer_name(n)
+    return wanted
+
+
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -339,20 +358,7 @@ def issue(
     Each copy is written atomically and recorded only after it traces back to its own buyer;
     a crash leaves a reservation that the next call completes.
     """
-    if names is None:
-        if buyers is None or buyers < 1:
-            raise BadInput("--buyers must be at least 1")
-        wanted: list[str | None] = [None] * buyers
-    else:
-        if buyers is not None and buyers != len(names):
-            raise BadInput(f"--buyers {buyers} does not match the {len(names)} names given")
-        wanted = [n.strip() for n in names]
-        if len(set(wanted)) != len(wanted):
-            raise BadInput("buyer names must be unique")
-        for n in wanted:
-            check_buyer_name(n)
-    if eval_samples is not None and eval_samples < 0:
-        raise BadInput("--eval-samples must be 0 or more")
+    wanted = check_issue(buyers, names, eval_samples)
     m = reg.master(master) if master or reg.masters() else ensure_example(reg)
     if names is not None:  # a names list is idempotent: names already issued are skipped
         have = {b.name for b in reg.buyers(m.name)}

@@ -215,6 +215,7 @@ def issue(
             _fail(f"{names}: cannot read buyer names ({getattr(e, 'strerror', None) or e})")
     if buyers is None and name_list is None:
         _fail("give --buyers N or --names FILE")
+    api.check_issue(buyers, name_list, eval_samples)
     reg = api.open_registry(registry, create=True)
     if not reg.masters() and master is None and not as_json:
         err.print("no master registered yet: setting up the bundled Fashion-MNIST example")
