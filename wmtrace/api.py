@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import batches, codes, embed, failpoint, fidelity, formats, keys
 from . import carriers as carriers_mod
-from .errors import BadInput
+from .errors import BadArgument, BadInput, SelfCheckFailed
 from .registry import Buyer, Master, Registry
 from .trace import load_moments, trace_tensors
 from .trace import trace as _trace
@@ -169,19 +169,19 @@ def init(
         raise BadInput(f"master {name!r} is already registered")
     spec = codes.CodeSpec(symbols=bits // 8)
     if placement not in PLACEMENTS:
-        raise BadInput(f"placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
+        raise BadArgument("placement", f"{placement!r}: use one of {', '.join(PLACEMENTS)}")
     if output not in embed.OUTPUTS:
-        raise BadInput(f"output {output!r}: use one of {', '.join(embed.OUTPUTS)}")
+        raise BadArgument("output", f"{output!r}: use one of {', '.join(embed.OUTPUTS)}")
     if loss is not None:
         import_object(loss)
     if steps < 0:
-        raise BadInput("repair steps must be 0 or more")
+        raise BadArgument("steps", "must be 0 or more")
     if not 0.0 < strength <= 1.0:
-        raise BadInput(f"--strength {strength}: use a value in (0, 1]")
+        raise BadArgument("strength", f"{strength}: use a value in (0, 1]")
     if layers is not None and layers < 1:
-        raise BadInput("--layers must be at least 1")
+        raise BadArgument("layers", "must be at least 1")
     if bits % 8 or bits < 72:
-        raise BadInput(f"--bits {bits}: use a multiple of 8, at least 72")
+        raise BadArgument("bits", f"{bits}: use a multiple of 8, at least 72")
     try:
         spec.validate()
     except ValueError as e:
@@ -315,13 +315,13 @@ def check_issue(buyers: int | None, names: list[str] | None, eval_samples: int |
     """The names to issue (None: a generated one), or BadInput: every check `issue` can make before
     it touches the registry, so that a bad request changes nothing."""
     if eval_samples is not None and eval_samples < 0:
-        raise BadInput("--eval-samples must be 0 or more")
+        raise BadArgument("eval_samples", "must be 0 or more")
     if names is None:
         if buyers is None or buyers < 1:
-            raise BadInput("--buyers must be at least 1")
+            raise BadArgument("buyers", "must be at least 1")
         return [None] * buyers
     if buyers is not None and buyers != len(names):
-        raise BadInput(f"--buyers {buyers} does not match the {len(names)} names given")
+        raise BadArgument("buyers", f"{buyers} does not match the {len(names)} names given")
     wanted = [n.strip() for n in names]
     if len(set(wanted)) != len(wanted):
         raise BadInput("buyer names must be unique")
@@ -455,7 +455,7 @@ def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor]) 
     arrays = {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
     result = trace_tensors(arrays, reg, master=m.name, pending=[b])
     if result.verdict != "identified" or result.buyer is None or result.buyer["id"] != b.id:
-        raise BadInput(f"buyer {b.name!r}: the embedded mark did not verify ({result.reason or result.verdict})")
+        raise SelfCheckFailed(f"buyer {b.name!r}: the embedded mark did not verify ({result.reason or result.verdict})")
 
 
 def trace(path: str | os.PathLike, reg: Registry, master: str | None = None, max_false_positive: float = 1e-6):
@@ -473,7 +473,7 @@ def collude(files: list[str | os.PathLike], how: str, out: str | os.PathLike) ->
     if len(files) < 2:
         raise BadInput("give at least two model files to merge")
     if how not in attacks.COLLUDE_HOW:
-        raise BadInput(f"--how {how!r}: choose from {', '.join(attacks.COLLUDE_HOW)}")
+        raise BadArgument("how", f"{how!r}: choose from {', '.join(attacks.COLLUDE_HOW)}")
     states = [{k: torch.from_numpy(v) for k, v in formats.load_tensors(f).items()} for f in files]
     merged = attacks.collude(states, how)
     out = Path(out)

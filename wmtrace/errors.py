@@ -1,11 +1,51 @@
-"""Errors that the CLI turns into a one-line message and exit code 2."""
+"""What can go wrong, in library terms. The CLI turns each into one `error:` line and an exit code
+(`wmtrace.cli.common.guarded`, the one place that does); Python callers catch `WmtraceError`.
+
+    WmtraceError
+      BadInput          a file, argument or registry entry that cannot be used as given
+        BadArgument     one argument out of range: names the parameter, which the CLI shows as its flag
+        CorruptFile     a file that is damaged, truncated, or built to harm the reader
+        UnknownMaster   no such master in the registry
+      SelfCheckFailed   an issued copy did not trace back to its buyer: it is never written or shipped
+      InternalError     a broken invariant: a bug, to be reported
+"""
 
 
 class WmtraceError(Exception):
-    """Bad input or an unusable environment: reported in one line, never as a traceback."""
+    """Reported in one line, never as a traceback."""
 
     exit_code = 2
 
 
 class BadInput(WmtraceError):
     """A file, argument or registry entry that wmtrace cannot use as given."""
+
+
+class BadArgument(BadInput):
+    """An argument out of range. `param` is the Python parameter's name ("eval_samples"); the message
+    reads "eval_samples must be 0 or more" here and "--eval-samples must be 0 or more" on the CLI."""
+
+    def __init__(self, param: str, problem: str):
+        self.param, self.problem = param, problem
+        super().__init__(f"{param} {problem}")
+
+    def flag(self) -> str:
+        return f"--{self.param.replace('_', '-')} {self.problem}"
+
+
+class CorruptFile(BadInput):
+    """A damaged, truncated or hostile file: refused before anything is allocated from its claims."""
+
+
+class UnknownMaster(BadInput):
+    """The registry holds no master of that name (or none at all)."""
+
+
+class SelfCheckFailed(WmtraceError):
+    """A copy that would not name its own buyer when traced; it is not written."""
+
+
+class InternalError(WmtraceError):
+    """An invariant of wmtrace itself failed."""
+
+    exit_code = 3

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import keys
-from ..errors import BadInput
+from ..errors import BadInput, UnknownMaster
 from .records import Buyer, Master
 from .store import Layout, default_path
 
@@ -266,13 +266,13 @@ class Registry:
             if len(ms) == 1:
                 return ms[0]
             if not ms:
-                raise BadInput(f"registry {self.root} has no master yet (run 'wmtrace init')")
+                raise UnknownMaster(f"registry {self.root} has no master yet (run 'wmtrace init')")
             names = ", ".join(m.name for m in ms)
             raise BadInput(f"registry has several masters ({names}); choose one with --master")
         for m in ms:
             if m.name == name:
                 return m
-        raise BadInput(f"unknown master {name!r} in registry {self.root}")
+        raise UnknownMaster(f"unknown master {name!r} in registry {self.root}")
 
     # Buyers ----------------------------------------------------------------------------------
     def _buyer(self, r: sqlite3.Row) -> Buyer:

@@ -1,0 +1,105 @@
+"""What every command shares: consoles, options, JSON output, and the one place errors become exit codes.
+
+Exit codes: 0 success / buyer identified, 1 no buyer identified, 2 bad input (usage errors included),
+3 an internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import typer.core
+from rich.console import Console
+from rich.text import Text
+
+from ..errors import BadArgument, WmtraceError
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
+
+# User strings (paths, names) are never read as Rich markup: styles are given as Text, not "[tags]".
+out = Console(soft_wrap=True, markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
+
+RegistryOpt = Annotated[
+    Path | None, typer.Option("--registry", help="Registry folder [default: $WMTRACE_REGISTRY or ./registry]")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
+MasterOpt = Annotated[str | None, typer.Option("--master", help="Registered master [default: the only one]")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(Text.assemble(("error:", "red"), f" {message}"), soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """One line and an exit code for any failure; a traceback only with WMTRACE_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except BadArgument as e:  # the library names the parameter; the user typed its flag
+            fail(e.flag(), e.exit_code)
+        except WmtraceError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; nothing half-written was kept", 130)
+        except OSError as e:
+            if os.environ.get("WMTRACE_DEBUG"):
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"{where}{e.strerror or e}")
+        except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
+            if os.environ.get("WMTRACE_DEBUG"):
+                raise
+            fail(f"unexpected {type(e).__name__}: {e} (set WMTRACE_DEBUG=1 for details)")
+
+    return wrapper
+
+
+def emit(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (an unknown option, `--buyers abc`) as one `error:` line and exit code 2, like
+    every other error, instead of a boxed usage panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as e:
+            err.print(e.ctx.get_help() if e.ctx else str(e))
+            code = 2
+        except click_errors.ClickException as e:
+            command = f" (see 'wmtrace {e.ctx.command_path.partition(' ')[2]} --help')".replace("  ", " ") \
+                if getattr(e, "ctx", None) is not None else ""
+            err.print(Text.assemble(("error:", "red"), f" {e.format_message()}{command}"), soft_wrap=True)
+            code = e.exit_code
+        except typer.Abort:
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+
+def group(help: str, **kwargs) -> typer.Typer:
+    """A command group with wmtrace's settings (no pretty tracebacks: errors are one line)."""
+    return typer.Typer(help=help, no_args_is_help=True, pretty_exceptions_enable=False, **kwargs)

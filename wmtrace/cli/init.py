@@ -1,0 +1,96 @@
+"""`wmtrace init`: register a master (or set up the bundled example)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from .. import api
+from .common import JsonOpt, RegistryOpt, emit, err, fail, guarded, out
+
+
+@guarded
+def init(
+    name: Annotated[str, typer.Option(help="Name of the master in the registry")] = api.EXAMPLE_MASTER,
+    weights: Annotated[Path | None, typer.Option(help="Master weights (.safetensors or checkpoint)")] = None,
+    model: Annotated[str, typer.Option(help="module:factory that builds the nn.Module")] = api.EXAMPLE_FACTORY,
+    data: Annotated[
+        str | None, typer.Option(help="module:function(split) -> Dataset, split in {train, test}")
+    ] = api.EXAMPLE_DATA,
+    carriers: Annotated[
+        list[str] | None, typer.Option("--carrier", help="Carrier weight name (repeat) [default: automatic]")
+    ] = None,
+    bits: Annotated[int, typer.Option(help="Codeword length in bits (multiple of 8)")] = 256,
+    placement: Annotated[
+        str, typer.Option(help="Closed-form placement: activation (least output change) or minimal-norm")
+    ] = "activation",
+    repair_steps: Annotated[
+        int, typer.Option(help="Distillation steps after placement, per buyer (0: none, the measured best)")
+    ] = 0,
+    output: Annotated[
+        str, typer.Option(help="What the model returns: logits (classifier) or embedding (encoder)")
+    ] = "logits",
+    loss: Annotated[
+        str | None, typer.Option(help="module:function(output, master_output) -> loss, for repair steps")
+    ] = None,
+    layers: Annotated[
+        int | None, typer.Option(help="Number of carrier layers [default: 2 to 8, by model size]")
+    ] = None,
+    strength: Annotated[
+        float, typer.Option(help="Mark strength: RMS change of a carrier's filters over its weights' RMS")
+    ] = api.embed.EmbedConfig.strength,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a master model (with no --weights: the bundled Fashion-MNIST example, trained once).
+
+    Weights may be a .safetensors file, a sharded Hugging Face folder or index, or a checkpoint.
+    --data may be unlabeled: issuing distils from the master's own outputs."""
+    reg = api.open_registry(registry, create=True)
+    if weights is None and name == api.EXAMPLE_MASTER and model == api.EXAMPLE_FACTORY:
+        m = api.ensure_example(reg, progress=_training_progress() if not as_json else None)
+    elif weights is None:
+        fail("--weights is required for a master other than the bundled example")
+    else:
+        m = api.init(reg, name, weights, model, data, carriers or None, bits, layers=layers, strength=strength,
+                     steps=repair_steps, placement=placement, output=output, loss=loss)
+    info = {
+        "master": m.name,
+        "factory": m.factory,
+        "data": m.data,
+        "accuracy": m.accuracy,
+        "carriers": [{"name": c["name"], "shape": c["shape"], "bits": c["bits"]} for c in m.config["carriers"]],
+        "code": m.config["code"],
+        "key_fingerprint": m.key_fingerprint,
+        "registry": str(reg.root),
+    }
+    if as_json:
+        emit(info)
+        return
+    out.print(Text.assemble("registered master ", (m.name, "bold"), f" in {reg.root} (key {m.key_fingerprint})"))
+    for c in info["carriers"]:
+        out.print(f"  carrier {c['name']} {tuple(c['shape'])}: {c['bits']} bits")
+    if m.accuracy is not None:
+        out.print(f"  test accuracy {m.accuracy:.2%}")
+
+
+def _training_progress():
+    bar = Progress(TextColumn("training example master"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=err, transient=True)
+    task = None
+
+    def cb(step: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("train", total=total)
+        bar.update(task, completed=step)
+        if step >= total:
+            bar.stop()
+
+    return cb
+

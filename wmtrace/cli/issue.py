@@ -1,0 +1,84 @@
+"""`wmtrace issue`: buyer copies, each verified by tracing it before it is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .. import api
+from .common import JsonOpt, MasterOpt, RegistryOpt, emit, err, fail, guarded, out, pct
+
+
+@guarded
+def issue(
+    buyers: Annotated[int | None, typer.Option(help="Number of buyer copies to issue")] = None,
+    names: Annotated[Path | None, typer.Option(help="File with one buyer name per line")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder [default: ./buyers/MASTER]")] = None,
+    master: MasterOpt = None,
+    eval_samples: Annotated[
+        int | None, typer.Option(help="Held-out samples to measure each copy's fidelity on (0: skip) [default: all]")
+    ] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn the master into buyer copies, each carrying its buyer's ID, each verified by tracing it."""
+    name_list = None
+    if names is not None:
+        try:
+            name_list = [ln.strip() for ln in names.read_text().splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"{names}: cannot read buyer names ({getattr(e, 'strerror', None) or e})")
+    if buyers is None and name_list is None:
+        fail("give --buyers N or --names FILE")
+    api.check_issue(buyers, name_list, eval_samples)
+    reg = api.open_registry(registry, create=True)
+    if not reg.masters() and master is None and not as_json:
+        err.print("no master registered yet: setting up the bundled Fashion-MNIST example")
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[done]}/{task.total:.0f}"),
+        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, disable=as_json,
+    )
+    tasks: dict[str, int] = {}
+
+    def progress(done: int, n: int, step: int, steps: int, margin: float) -> None:
+        count["done"] = done
+        if not tasks:
+            tasks["buyers"] = bar.add_task("buyers issued", total=n, info="", done=0)
+        repairing = 0 < step < steps
+        info = f"buyer {done + 1}: repair step {step}/{steps}, " if repairing else ""
+        bar.update(tasks["buyers"], completed=done + (step / steps if repairing else 0), done=done,
+                   info=f"{info}bit margin {margin:.2f}")
+
+    count = {"done": 0, "of": len(name_list) if name_list is not None else buyers}
+    try:
+        with bar:
+            issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress, eval_samples=eval_samples)
+    except KeyboardInterrupt:
+        rest = "run the same command again: names already issued are skipped" if name_list is not None else \
+            f"'--buyers {count['of'] - count['done']}' issues the rest"
+        fail(f"interrupted after {count['done']} of {count['of']} copies, each of them written and registered; "
+              f"{rest}", 130)
+    skipped = [n for n in name_list or [] if n not in {b.name for b in issued}]
+    if skipped and not as_json:
+        err.print(f"{len(skipped)} of the names were issued before and are skipped")
+    rows = [
+        {"id": b.id, "name": b.name, "file": b.file, "agreement": b.agreement, "accuracy": b.accuracy,
+         "cosine": b.cosine}
+        for b in issued
+    ]
+    if as_json:
+        emit({"buyers": rows, "skipped": skipped})
+        return
+    encoder = any(r["cosine"] is not None for r in rows)
+    columns = ("cosine", "retrieval agreement") if encoder else ("agreement", "accuracy")
+    table = Table("id", "name", *columns, "file", title=f"issued {len(rows)} buyer copies")
+    for r in rows:
+        first = "-" if r["cosine"] is None else f"{r['cosine']:.5f}"
+        values = (first, pct(r["agreement"])) if encoder else (pct(r["agreement"]), pct(r["accuracy"]))
+        table.add_row(str(r["id"]), r["name"], *values, r["file"])
+    out.print(table)
+

@@ -1,0 +1,30 @@
+"""The `wmtrace` application: one module per command (or group), assembled here.
+
+Every command takes `--registry DIR` (default: $WMTRACE_REGISTRY or ./registry) and `--json`.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import attack, buyers, demo, init, issue, registry, trace
+from .common import OneLineErrors
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    help="Per-buyer watermarks for neural network weights, and tracing of leaked copies.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(init.init)
+app.command()(issue.issue)
+app.command()(trace.trace)
+app.command("buyers")(buyers.buyers)
+app.command()(demo.demo)
+app.add_typer(attack.app, name="attack")
+app.add_typer(registry.app, name="registry")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

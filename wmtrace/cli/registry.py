@@ -1,0 +1,59 @@
+"""`wmtrace registry backup|restore`: the keys are the one thing that must never be lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import api
+from .common import JsonOpt, RegistryOpt, emit, group, guarded, out
+
+app = group("Back up and restore the registry: its keys are the one thing that must never be lost.")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@app.command("backup")
+@guarded
+def registry_backup(
+    dest: Annotated[Path, typer.Argument(help="New (or empty) folder for the backup")],
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy the database, keys and masters to DEST, verified (keys against their fingerprints)."""
+    from .registry.backup import backup
+
+    with api.open_registry(registry) as reg:
+        info = backup(reg, dest)
+    if as_json:
+        emit(info)
+        return
+    masters = ", ".join(f"{m['name']} (key {m['key_fingerprint']})" for m in info["masters"]) or "no master"
+    out.print(f"backed up {reg.root} to {info['backup']}: {masters}, {info['buyers']} buyers, "
+              f"{len(info['files'])} files, {_size(info['bytes'])}")
+    out.print("it holds the secret keys: keep it where only you can read it, away from this machine")
+
+
+@app.command("restore")
+@guarded
+def registry_restore(
+    src: Annotated[Path, typer.Argument(help="A folder written by 'wmtrace registry backup'")],
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a backup as the registry (a new or empty folder: a key is never overwritten)."""
+    from .registry import default_path
+    from .registry.backup import restore
+
+    info = restore(src, registry if registry is not None else default_path())
+    if as_json:
+        emit(info)
+        return
+    masters = ", ".join(f"{m['name']} (key {m['key_fingerprint']})" for m in info["masters"]) or "no master"
+    out.print(f"restored {info['source']} (taken {info['created']}) into {info['registry']}: {masters}, "
+              f"{info['buyers']} buyers, {len(info['files'])} files, all verified")
+
