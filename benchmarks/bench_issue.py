@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wmtrace import api, codes, fidelity
+from wmtrace import api, codes, fidelity, modelio
 from wmtrace.carriers import Carrier
 from wmtrace.data import load_fashion_mnist
 
@@ -39,8 +39,8 @@ def naive_buyer(reg, m, buyer_id: int, train, held_out, lr: float, max_steps: in
     bits = torch.from_numpy(codes.codeword(key, m.name, buyer_id, spec).astype(np.float32))
     carriers = [Carrier.from_dict(d) for d in m.config["carriers"]]
     xs = [torch.from_numpy(c.projection(key)).float() for c in carriers]
-    master = api.build_model(m)
-    model = api.build_model(m)
+    master = modelio.build_model(m)
+    model = modelio.build_model(m)
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     x, y = train

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wmtrace import api, codes, embed, fidelity
+from wmtrace import api, codes, embed, fidelity, modelio
 from wmtrace.carriers import Carrier, embedding_map
 from wmtrace.data import load_fashion_mnist
 
@@ -44,18 +44,18 @@ def main() -> None:
     args = ap.parse_args()
 
     x_test, y_test = load_fashion_mnist("test")
-    train = api.import_object(api.EXAMPLE_DATA)("train")
+    train = modelio.import_object(api.EXAMPLE_DATA)("train")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         reg = api.open_registry(Path(tmp) / "registry", create=True)
         m = api.init(reg, "m", args.master, api.EXAMPLE_FACTORY, api.EXAMPLE_DATA)
         key, spec = reg.key("m"), codes.CodeSpec(**m.config["code"])
         signed = [Carrier.from_dict(d) for d in m.config["carriers"]]
-        master = api.build_model(m)
+        master = modelio.build_model(m)
         master_pred = fidelity.predictions(master, x_test)
         master_acc = float((master_pred == y_test).float().mean())
         state = master.state_dict()
-        moment_inputs = api._tensors(train, embed.EmbedConfig.moment_samples)[0]
+        moment_inputs = modelio.tensors(train, embed.EmbedConfig.moment_samples)[0]
 
         for (placement, ridge, steps, strength), statistic in [(v, s) for v in VARIANTS for s in ("signed", "mean")]:
             carriers = [dataclasses.replace(c, signed=statistic == "signed") for c in signed]
@@ -71,12 +71,12 @@ def main() -> None:
                 bits = codes.codeword(key, "m", bid, spec)
                 placed = {k: v.clone() for k, v in state.items()}
                 embed.place(placed, carriers, xs, scaled, bits, maps=maps)
-                model = api.build_model(m)
+                model = modelio.build_model(m)
                 model.load_state_dict(placed)
                 if steps:
                     cfg = embed.EmbedConfig(steps=steps)
-                    embed.repair(model, master, api._batches(train, cfg.batch_size, bid), carriers, xs, scaled,
-                                 bits, cfg)
+                    data = modelio.shuffled_batches(train, cfg.batch_size, bid)
+                    embed.repair(model, master, data, carriers, xs, scaled, bits, cfg)
                 pred = fidelity.predictions(model, x_test)
                 agree.append(float((pred == master_pred).float().mean()))
                 acc.append(float((pred == y_test).float().mean()))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from wmtrace import carriers as carriers_mod
-from wmtrace import codes, embed, example, keys
+from wmtrace import codes, embed, example, keys, modelio
 from wmtrace.data import load_fashion_mnist
 
 
@@ -145,8 +145,8 @@ def test_placement_metric_is_stored_with_the_master_and_matches_the_data(issued)
         stored = load_moments(m)
         assert moments_file(m.weights).exists()
         carriers = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
-        train = api._tensors(api._dataset(m.data, "train"), embed.EmbedConfig.moment_samples)[0]
-        again = embed.input_moments(api.build_model(m), carriers, train, embed.EmbedConfig.ridge)
+        train = modelio.tensors(modelio.dataset(m.data, "train"), embed.EmbedConfig.moment_samples)[0]
+        again = embed.input_moments(modelio.build_model(m), carriers, train, embed.EmbedConfig.ridge)
     assert set(stored) == {c.name for c in carriers}
     for c, mt in zip(carriers, again, strict=True):
         assert stored[c.name].shape == (c.dim, c.dim)

@@ -9,21 +9,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from . import batches, codes, embed, failpoint, fidelity, formats, keys
+from . import batches, codes, embed, failpoint, fidelity, formats, keys, modelio
 from . import carriers as carriers_mod
 from .errors import BadArgument, BadInput, SelfCheckFailed
 from .registry import Buyer, Master, Registry
@@ -42,102 +37,12 @@ COST_SAMPLES = 64
 Progress = Callable[[int, int, int, int, float], None]
 
 
+# Kept for scripts written against earlier releases; `wmtrace.modelio` is their home.
+import_object, sha256_file, build_model = modelio.import_object, modelio.sha256_file, modelio.build_model
+
+
 def open_registry(path: str | os.PathLike | None = None, create: bool = False) -> Registry:
     return Registry(path, create=create)
-
-
-def import_object(spec: str) -> Callable:
-    """`module:attr` -> the object. The module must be importable (installed, or in the cwd)."""
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise BadInput(f"{spec!r}: expected an import path of the form module:function")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise BadInput(f"{spec!r}: cannot import ({e})") from e
-    if not callable(obj):
-        raise BadInput(f"{spec!r} is not callable")
-    return obj
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, or of a sharded folder's files in name order (names included)."""
-    h = hashlib.sha256()
-    path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        if path.is_dir():
-            h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
-    """Load `state` into `model`; every floating-point tensor of the model must be there. Returns the
-    names of tensors the model lacks (extra heads, adapters, unused poolers): kept, never marked."""
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except Exception as e:
-        raise BadInput(f"{what} ({formats._line(e)})") from e
-    own = model.state_dict()
-    missing = [k for k in missing if own[k].is_floating_point()]  # integer counters are not weights
-    if missing:
-        raise BadInput(f"{what} (missing {missing[0]!r})")
-    return list(unexpected)
-
-
-def _build(m: Master) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The master's model, and the registered tensors it lacks (copied to buyers unmarked)."""
-    weights = load_file(str(m.weights))
-    model = import_object(m.factory)()
-    extras = _load_into(model, weights, f"master {m.name!r}: weights do not fit {m.factory}")
-    return model.eval(), {k: weights[k] for k in extras}
-
-
-def build_model(m: Master) -> nn.Module:
-    return _build(m)[0]
-
-
-def _dataset(spec: str | None, split: str) -> Dataset | None:
-    if spec is None:
-        return None
-    ds = import_object(spec)(split)
-    if ds is not None and not isinstance(ds, Dataset):
-        raise BadInput(f"{spec}({split!r}) must return a torch Dataset, got {type(ds).__name__}")
-    return ds
-
-
-def _tensors(ds: Dataset, limit: int | None = None) -> tuple[batches.Inputs, torch.Tensor | None]:
-    """Held-out data in memory: inputs (a tensor, or a dict of tensors) and labels (None without)."""
-    if isinstance(ds, TensorDataset):
-        ts = [t[:limit] for t in ds.tensors]
-        return ts[0], (ts[1] if len(ts) > 1 else None)
-    xs, ys, n = [], [], 0
-    for batch in DataLoader(ds, batch_size=512):
-        x, y = batches.split(batch)
-        xs.append(x)
-        if y is not None:
-            ys.append(y)
-        n += batches.size(x)
-        if limit is not None and n >= limit:
-            break
-    if not xs:
-        raise BadInput("the data set is empty")
-    inputs = batches.take(batches.concat(xs), slice(0, limit))
-    return inputs, (torch.cat(ys)[:limit] if ys else None)
-
-
-def _batches(ds: Dataset, batch_size: int, seed: int) -> Iterator:
-    """Endless shuffled batches; a fresh seeded order per buyer."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        yield from DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
 
 
 def init(
@@ -173,7 +78,7 @@ def init(
     if output not in embed.OUTPUTS:
         raise BadArgument("output", f"{output!r}: use one of {', '.join(embed.OUTPUTS)}")
     if loss is not None:
-        import_object(loss)
+        modelio.import_object(loss)
     if steps < 0:
         raise BadArgument("steps", "must be 0 or more")
     if not 0.0 < strength <= 1.0:
@@ -190,13 +95,13 @@ def init(
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in source.items()}
 
     # The model must build and accept the weights before anything is written.
-    model = import_object(factory)()
-    extras = _load_into(model, state, f"{weights}: weights do not fit the model built by {factory}")
+    model = modelio.import_object(factory)()
+    extras = modelio.load_into(model, state, f"{weights}: weights do not fit the model built by {factory}")
     model.eval()
-    train = _dataset(data, "train")
-    test = _dataset(data, "test")
+    train = modelio.dataset(data, "train")
+    test = modelio.dataset(data, "test")
     data_set = train if train is not None else test
-    probe = _tensors(data_set, COST_SAMPLES)[0] if data_set is not None else None  # a few real inputs
+    probe = modelio.tensors(data_set, COST_SAMPLES)[0] if data_set is not None else None  # a few real inputs
     sample = batches.take(probe, slice(0, 8)) if probe is not None else None
     try:
         used = carriers_mod.used_weights(model, sample) if sample is not None else list(model.state_dict())
@@ -205,7 +110,7 @@ def init(
     cfg = embed.EmbedConfig(strength=strength, steps=steps, placement=placement, output=output, loss=loss)
     moment_inputs = None
     if train is not None and placement == "activation":
-        moment_inputs = _tensors(train, cfg.moment_samples)[0]
+        moment_inputs = modelio.tensors(train, cfg.moment_samples)[0]
     found: dict[str, np.ndarray | None] = {}
 
     def metrics(cands: list[carriers_mod.Carrier]) -> list[np.ndarray | None]:
@@ -222,7 +127,7 @@ def init(
                                  cost=cost if probe is not None else None)
     accuracy = None
     if test is not None and output == "logits":
-        inputs, labels = _tensors(test, eval_samples)
+        inputs, labels = modelio.tensors(test, eval_samples)
         if labels is not None:
             accuracy = fidelity.evaluate(model, inputs, labels)
 
@@ -269,7 +174,7 @@ def _register(reg: Registry, name: str, weights: dict[str, torch.Tensor], moment
             key = keys.generate()
             keys.write(reg.key_path(name), key)
         failpoint.reached("init:key")
-        m = Master(name, dest, sha256_file(dest), factory, data, config, keys.fingerprint(key), accuracy)
+        m = Master(name, dest, modelio.sha256_file(dest), factory, data, config, keys.fingerprint(key), accuracy)
         reg.add_master(m)
         failpoint.reached("init:registered")
     except BaseException:
@@ -369,7 +274,7 @@ def issue(
     _check_writable(out)
 
     key = reg.key(m.name)
-    model_master, extras = _build(m)
+    model_master, extras = modelio.build(m)
     state_master = {k: v.clone() for k, v in model_master.state_dict().items()}
     dtypes = {k: getattr(torch, v) for k, v in m.config.get("dtypes", {}).items()}
     shards = int(m.config.get("shards", 1))
@@ -380,19 +285,20 @@ def issue(
     margins = [d["margin"] for d in m.config["carriers"]]
     secrets = [c.secret(key) for c in carriers]
     spec = codes.CodeSpec(**m.config["code"])
-    train = _dataset(m.data, "train")
+    train = modelio.dataset(m.data, "train")
     stored = load_moments(m) if cfg.placement == "activation" else {}
     if train is None and (cfg.steps > 0 or (cfg.placement == "activation" and not stored)):
         raise BadInput(f"master {m.name!r} has no data entry point to fine-tune on")
     limit = m.config.get("eval_samples") if eval_samples is None else eval_samples
-    test = _dataset(m.data, "test") if limit != 0 else None
-    held_out = _tensors(test, limit) if test is not None else None
+    test = modelio.dataset(m.data, "test") if limit != 0 else None
+    held_out = modelio.tensors(test, limit) if test is not None else None
     master_out = fidelity.outputs(model_master, held_out[0]) if held_out is not None else None
     metrics = [None] * len(carriers)  # what the carriers see on real inputs: stored at init
     if cfg.placement == "activation":
         metrics = [stored.get(c.name) for c in carriers]
         if not stored:  # registered before the metric was stored with the master
-            metrics = embed.input_moments(model_master, carriers, _tensors(train, cfg.moment_samples)[0], cfg.ridge)
+            inputs = modelio.tensors(train, cfg.moment_samples)[0]
+            metrics = embed.input_moments(model_master, carriers, inputs, cfg.ridge)
     maps = [carriers_mod.embedding_map(s, mt) for s, mt in zip(secrets, metrics, strict=True)]
 
     reserved = reg.reserve(m.name, wanted)
@@ -403,11 +309,11 @@ def issue(
             bits = codes.codeword(key, m.name, b.id, spec)
             state = {k: v.clone() for k, v in state_master.items()}
             embed.place(state, carriers, secrets, margins, bits, maps=maps)
-            model = import_object(m.factory)()
+            model = modelio.import_object(m.factory)()
             model.load_state_dict(state, strict=False)
             if cfg.steps > 0:
                 step_cb = (lambda s, h, i=i: progress(i, len(reserved), s, cfg.steps, h)) if progress else None
-                data = _batches(train, cfg.batch_size, seed=(seed if seed is not None else b.id))
+                data = modelio.shuffled_batches(train, cfg.batch_size, seed=(seed if seed is not None else b.id))
                 embed.repair(model, model_master, data, carriers, secrets, margins, bits, cfg, step_cb)
             model.eval()
             final = extras | {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -425,7 +331,7 @@ def issue(
             else:
                 path = out / f"{b.name}.safetensors"
                 formats.save_safetensors(final, path)
-            b.file, b.sha256, b.status = str(path.resolve()), sha256_file(path), "issued"
+            b.file, b.sha256, b.status = str(path.resolve()), modelio.sha256_file(path), "issued"
             b.codeword = np.packbits(bits).tobytes().hex()
             failpoint.reached("issue:written")
             reg.complete(b)
@@ -561,7 +467,7 @@ def attack(
     info: dict = {"attack": kind, "input": str(file), "output": str(out), "strength": strength}
 
     def trainer() -> attacks.Trainer:
-        return attacks.Trainer(import_object(factory), import_object(data), seed=seed)
+        return attacks.Trainer(modelio.import_object(factory), modelio.import_object(data), seed=seed)
 
     if kind == "prune":
         info["mode"] = mode or "global"

@@ -57,7 +57,7 @@ class EmbedConfig:
 def fidelity_loss(cfg: EmbedConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """How far a copy's outputs are from the master's, the quantity repair minimises."""
     if cfg.loss:
-        from .api import import_object
+        from .modelio import import_object
 
         return import_object(cfg.loss)
     if cfg.output == "embedding":

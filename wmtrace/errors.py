@@ -49,3 +49,10 @@ class InternalError(WmtraceError):
     """An invariant of wmtrace itself failed."""
 
     exit_code = 3
+
+
+def first_line(e: BaseException) -> str:
+    """First line of a foreign exception (torch, onnx, zip), short enough for a one-line report."""
+    lines = str(e).strip().splitlines()
+    first = lines[0].split(". ")[0] if lines else type(e).__name__
+    return first[:160]
