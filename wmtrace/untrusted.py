@@ -3,7 +3,8 @@
 A leaked model is untrusted input. Formats declare sizes (zip members, tensor dims, strides,
 external data lengths) that readers allocate for before looking at the bytes; each check here
 compares what a file declares with what it holds, so that memory follows the file's size on disk
-and a fifo or device never blocks or streams forever. Every refusal is a one-line `BadInput`.
+and a fifo or device never blocks or streams forever. Every refusal is a one-line `BadInput`: a
+`CorruptFile` where what a file declares does not fit what it holds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput
+from .errors import BadInput, CorruptFile
 
 # Bytes that external data may reference beyond twice what its files hold on disk (st_blocks). A
 # sparse file reads back as zeros it never stored, so memory would follow its declared size, not
@@ -68,18 +69,18 @@ def check_zip(path: Path, size: int) -> None:
         with zipfile.ZipFile(path) as zf:
             members = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
-        raise BadInput(f"{path}: corrupt or truncated checkpoint (not a readable zip archive)") from e
+        raise CorruptFile(f"{path}: corrupt or truncated checkpoint (not a readable zip archive)") from e
     total = 0
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED:
-            raise BadInput(f"{path}: checkpoint member {m.filename!r} is compressed (torch.save stores members "
+            raise CorruptFile(f"{path}: checkpoint member {m.filename!r} is compressed (torch.save stores members "
                            "uncompressed; refusing a possible decompression bomb)")
         if m.file_size > size or m.compress_size != m.file_size:
-            raise BadInput(f"{path}: checkpoint member {m.filename!r} declares {m.file_size} bytes, "
+            raise CorruptFile(f"{path}: checkpoint member {m.filename!r} declares {m.file_size} bytes, "
                            f"more than the file's {size}")
         total += m.file_size
     if total > size:
-        raise BadInput(f"{path}: checkpoint members declare {total} bytes in all, more than the file's {size}")
+        raise CorruptFile(f"{path}: checkpoint members declare {total} bytes in all, more than the file's {size}")
 
 
 def tensors_in(obj: object, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -108,9 +109,9 @@ def check_strides(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
         try:
             nbytes = t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError) as e:
-            raise BadInput(f"{path}: tensor {name!r} has no readable storage") from e
+            raise CorruptFile(f"{path}: tensor {name!r} has no readable storage") from e
         if t.numel() * t.element_size() > nbytes:
-            raise BadInput(f"{path}: tensor {name!r} declares {t.numel()} elements over a storage of "
+            raise CorruptFile(f"{path}: tensor {name!r} declares {t.numel()} elements over a storage of "
                            f"{nbytes} bytes (strides that repeat data)")
 
 
@@ -138,10 +139,10 @@ def _declared(t, path: Path) -> int:
     """Bytes a tensor's dims and data type call for."""
     dims = list(t.dims)
     if any(d < 0 for d in dims):
-        raise BadInput(f"{path}: tensor {t.name!r} declares negative dims {dims}")
+        raise CorruptFile(f"{path}: tensor {t.name!r} declares negative dims {dims}")
     bits = _bits(t.data_type)
     if bits is None:
-        raise BadInput(f"{path}: tensor {t.name!r} has raw data of a type without a fixed size")
+        raise CorruptFile(f"{path}: tensor {t.name!r} has raw data of a type without a fixed size")
     return math.ceil(math.prod(dims) * bits / 8)
 
 
@@ -161,13 +162,13 @@ def check_onnx(model, base: Path, path: Path, inside) -> None:
     for t in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(t):
             if t.HasField("raw_data") and len(t.raw_data) != _declared(t, path):
-                raise BadInput(f"{path}: tensor {t.name!r} declares dims {list(t.dims)} that do not fit its "
+                raise CorruptFile(f"{path}: tensor {t.name!r} declares dims {list(t.dims)} that do not fit its "
                                f"{len(t.raw_data)} bytes of data")
             continue
         info = {e.key: e.value for e in t.external_data}
         location = info.get("location", "")
         if not inside(base, location):
-            raise BadInput(f"{path}: external data {location!r} of {t.name!r} lies outside the model's folder")
+            raise CorruptFile(f"{path}: external data {location!r} of {t.name!r} lies outside the model's folder")
         real = os.path.realpath(base / location)
         if real not in stats:
             stats[real] = regular_file(Path(real), "external data")
@@ -176,15 +177,16 @@ def check_onnx(model, base: Path, path: Path, inside) -> None:
             offset = int(info.get("offset") or 0)
             length = int(info["length"]) if info.get("length") else size - offset
         except ValueError as e:
-            raise BadInput(f"{path}: external data of {t.name!r} has a malformed offset or length") from e
+            raise CorruptFile(f"{path}: external data of {t.name!r} has a malformed offset or length") from e
         want = _declared(t, path)
         if offset < 0 or length < 0 or offset + length > size:
-            raise BadInput(f"{path}: external data of {t.name!r} reaches past the end of {location!r}")
+            raise CorruptFile(f"{path}: external data of {t.name!r} reaches past the end of {location!r}")
         if length != want:
-            raise BadInput(f"{path}: external data of {t.name!r} holds {length} bytes where its dims call for {want}")
+            raise CorruptFile(f"{path}: external data of {t.name!r} holds {length} bytes where its dims call "
+                              f"for {want}")
         referenced[real] = referenced.get(real, 0) + length
     for real, total in referenced.items():
         on_disk = getattr(stats[real], "st_blocks", None)
         if on_disk is not None and total > 2 * on_disk * 512 + SPARSE_SLACK:
-            raise BadInput(f"{path}: external data file {Path(real).name!r} is sparse ({total} bytes referenced, "
+            raise CorruptFile(f"{path}: external data file {Path(real).name!r} is sparse ({total} bytes referenced, "
                            f"{on_disk * 512} stored on disk)")
