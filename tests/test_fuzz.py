@@ -293,7 +293,8 @@ def fuzz_cases(issued, tmp_path_factory):
 def test_every_reader_survives_mutated_files(fuzz_cases, workdir, tmp_path, issued):
     cases, largest = fuzz_cases
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # small matrices: threads only contend with other work on a shared machine
     cmd = [sys.executable, "-c", MEASURE, sys.executable, "-c", DRIVER, str(tmp_path / "cases.json"),
            str(workdir / "registry"), str(CASE_TIMEOUT_S)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -403,4 +403,4 @@ def test_renamed_carriers_among_200_decoys_each_are_found_quickly(workdir, issue
     assert d["buyer"]["id"] == issued[1][0].id
     assert {c["found_as"] for c in d["carriers"]} == {f"renamed.{k.replace('.', '_')}" for k in CARRIERS}
     assert len(calls) <= len(CARRIERS) * align.MAX_CANDIDATES  # was one per decoy: 804
-    assert elapsed < 30  # 36 s before the cap on a loaded 2-core machine; about 1 s with it
+    assert elapsed < 60  # 36 s before the cap on a loaded 2-core machine; about 1 s with it when idle

@@ -2,7 +2,7 @@
 
 Formats are told by content, not by extension. Checkpoints are only ever opened with
 `torch.load(weights_only=True)`; ONNX external data and safetensors shards are only read from
-inside the model's own folder. Every failure is a one-line `BadInput`.
+inside the model's own folder, and only from regular files. Every failure is a one-line `BadInput`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from . import untrusted
 from .errors import BadInput
+from .untrusted import inside as _inside
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -250,18 +251,6 @@ def _checkpoint(path: Path) -> TensorSource:
     return _LazyTorch(out)
 
 
-def _inside(base: Path, location: str) -> bool:
-    """Whether `location` names a file strictly inside `base`, after resolving `..` and symlinks."""
-    if not location or os.path.isabs(location):
-        return False
-    try:
-        root = os.path.realpath(base)
-        target = os.path.realpath(base / location)
-        return target != root and os.path.commonpath([target, root]) == root
-    except (ValueError, OSError):  # NUL bytes, mixed drives
-        return False
-
-
 def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int, block: int = 0) -> np.ndarray:
     """(q - zero_point) * scale, per tensor, per channel along `axis`, or per block of `block` along it."""
     s = np.asarray(scale, np.float32)
@@ -290,7 +279,7 @@ def _onnx(path: Path) -> dict[str, np.ndarray]:
     except Exception as e:
         raise BadInput(f"{path}: corrupt or truncated ONNX file") from e
     base = path.parent
-    untrusted.check_onnx(model, base, path, _inside)  # before anything is read or converted
+    untrusted.check_onnx(model, base, path)  # before anything is read or converted
     try:
         external_data_helper.load_external_data_for_model(model, str(base))
     except Exception as e:
@@ -342,30 +331,8 @@ def _onnx(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _model_files(path: Path) -> list[Path]:
-    """The entries of a folder named like model files, each a regular file inside the folder.
-
-    A leaked folder is untrusted like a file: a symlink is followed only when it resolves inside the
-    folder, and one that leads outside is refused (a shard from elsewhere on the disk would be read
-    as part of the model); a fifo, socket or device so named is refused without being opened
-    (opening a fifo blocks). Entries not named like model files are ignored, never opened.
-    """
-    names = (".safetensors", ".safetensors.index.json", ".onnx", *CHECKPOINT_SUFFIXES)
-    out = []
-    for p in sorted(path.iterdir()):
-        if not p.name.endswith(names):
-            continue
-        if not _inside(path, p.name):
-            raise BadInput(f"{p}: links outside the folder {path}")
-        if os.path.isdir(p):
-            continue
-        untrusted.regular_file(p)
-        out.append(p)
-    return out
-
-
 def _folder(path: Path) -> TensorSource:
-    files = _model_files(path)
+    files = untrusted.model_files(path, (".safetensors", ".safetensors.index.json", ".onnx", *CHECKPOINT_SUFFIXES))
     index = [p for p in files if p.name.endswith(".safetensors.index.json")]
     if index:
         return _index(index[0])
@@ -406,8 +373,11 @@ def open_tensors(path: str | os.PathLike) -> TensorSource:
     Accepts safetensors (single, sharded index, or a folder of them), ONNX (initializers and
     Constant nodes; quantized weights dequantized under the quantized initializer's name) and
     PyTorch checkpoints holding plain (possibly nested) state dicts. Integer tensors are dropped.
-    safetensors are read lazily (headers up front, one tensor per request); ONNX and checkpoints
-    have no cheap per-tensor access and are read whole.
+    safetensors are read lazily (headers up front, one tensor per request); checkpoints are loaded
+    whole and converted one tensor per request; ONNX has no cheap per-tensor access and is read whole.
+    Only regular files are opened (a fifo or a link to a device is "not a regular file"); what a
+    file declares is checked against what it holds before memory is allocated for it
+    (`wmtrace.untrusted`).
     """
     path = Path(path)
     try:

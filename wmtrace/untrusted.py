@@ -54,6 +54,40 @@ def read_head(path: Path, n: int) -> bytes:
         os.close(fd)
 
 
+def inside(base: Path, location: str) -> bool:
+    """Whether `location` names a file strictly inside `base`, after resolving `..` and symlinks."""
+    if not location or os.path.isabs(location):
+        return False
+    try:
+        root = os.path.realpath(base)
+        target = os.path.realpath(base / location)
+        return target != root and os.path.commonpath([target, root]) == root
+    except (ValueError, OSError):  # NUL bytes, mixed drives
+        return False
+
+
+def model_files(path: Path, names: tuple[str, ...]) -> list[Path]:
+    """The entries of a folder named like model files, each a regular file inside the folder.
+
+    `names`: how model file names end. A leaked folder is untrusted like a file: a symlink is
+    followed only when it resolves inside the folder, and one that leads outside is refused (a shard
+    from elsewhere on the disk would be read as part of the model); a fifo, socket or device so
+    named is refused without being opened (opening a fifo blocks). Entries not named like model
+    files are ignored, never opened.
+    """
+    out = []
+    for p in sorted(path.iterdir()):
+        if not p.name.endswith(names):
+            continue
+        if not inside(path, p.name):
+            raise BadInput(f"{p}: links outside the folder {path}")
+        if os.path.isdir(p):
+            continue
+        regular_file(p)
+        out.append(p)
+    return out
+
+
 # --- PyTorch checkpoints ---------------------------------------------------------------------------
 
 
@@ -146,11 +180,11 @@ def _declared(t, path: Path) -> int:
     return math.ceil(math.prod(dims) * bits / 8)
 
 
-def check_onnx(model, base: Path, path: Path, inside) -> None:
+def check_onnx(model, base: Path, path: Path) -> None:
     """Refuse ONNX tensors whose data does not match their dims, before any is read or converted.
 
     In-file raw data must hold exactly prod(dims) * itemsize bytes. External data must be a regular
-    file inside the model's folder (`inside(base, location)`), its offset + length within the file,
+    file inside the model's folder (`inside`), its offset + length within the file,
     its length what the dims call for, and all the bytes referenced from a file at most twice what it
     holds on disk (st_blocks) plus `SPARSE_SLACK`: the ONNX reader reads each location whole, so a
     sparse 3 GiB file took 6.6 GB of memory before its size was compared with anything.
