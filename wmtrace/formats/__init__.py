@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import BadInput
 from . import untrusted
-from .errors import BadInput
 from .untrusted import inside as _inside
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")

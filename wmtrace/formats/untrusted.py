@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput, CorruptFile
+from ..errors import BadInput, CorruptFile
 
 # Bytes that external data may reference beyond twice what its files hold on disk (st_blocks). A
 # sparse file reads back as zeros it never stored, so memory would follow its declared size, not
