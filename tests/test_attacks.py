@@ -13,6 +13,8 @@ from tests import smalldata
 from wmtrace import api, attacks, example, formats
 from wmtrace.cli import app
 from wmtrace.data import load_fashion_mnist
+from wmtrace.errors import BadArgument, BadInput
+from wmtrace.schemes.whitebox import Config
 
 runner = CliRunner()
 
@@ -39,7 +41,7 @@ def images():
 def carrier_names(issued):
     root, _ = issued
     with api.open_registry(root / "registry") as reg:
-        return [c["name"] for c in reg.master("small").config["carriers"]]
+        return [c.name for c in Config.of(reg.master("small")).carriers]
 
 
 def test_channel_graph_is_inferred_from_a_file_whatever_its_tensor_order(issued):
@@ -237,7 +239,9 @@ def test_removing_whole_filters_little_used_part_costs_more_and_accuses_nobody_e
     named = {r.buyer["id"]} if r.buyer else {c["id"] for c in r.colluders}
     assert named <= {b.id}, r.to_dict()
     bad = runner.invoke(app, [*args, "--part", "rows"])
-    assert bad.exit_code != 0 and "unknown part" in bad.output and "Traceback" not in bad.output
+    # A choice outside the declared ones is a usage error, one line, before anything is read.
+    assert bad.exit_code == 2 and "'rows' is not one of 'mean', 'filters'" in bad.output, bad.output
+    assert bad.output.count("\n") == 1 and "Traceback" not in bad.output
 
 
 def test_overwriting_with_the_attackers_own_mark_names_the_buyer(issued, tmp_path, trainer):
@@ -278,4 +282,37 @@ def test_attack_cli_writes_safetensors_and_rejects_bad_strength(issued, tmp_path
         r = runner.invoke(app, ["attack", *args, "-o", str(tmp_path / "x.safetensors")])
         assert r.exit_code == 2, r.output
         assert r.output.count("\n") == 1 and "Traceback" not in r.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_every_attack_is_a_command_built_from_its_declaration():
+    # Parameters are declared once per family (wmtrace/attacks/NAME.py); the commands follow.
+    r = runner.invoke(app, ["attack", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    for name, a in attacks.ATTACKS.items():
+        assert name in r.output and a.summary in r.output
+        sub = runner.invoke(app, ["attack", name, "--help"], env={"COLUMNS": "200"})
+        assert sub.exit_code == 0, (name, sub.output)
+        for p in a.params:
+            assert (p.flag or "--" + p.name) in sub.output, (name, p.name)
+            assert p.help.split(" [")[0] in sub.output, (name, p.name)  # Rich reads "[all]" as markup
+            assert all(c in sub.output for c in p.choices), (name, p.name)
+        assert ("--model" in sub.output) == a.needs_data
+    assert {"prune", "prune-filters", "quantize", "noise", "permute", "permute-attention", "center", "project",
+            "finetune", "transfer", "overwrite", "shift", "collude", "distill"} <= set(attacks.ATTACKS)
+    assert attacks.ATTACKS["finetune"].param("lr").default == 0.05
+
+
+@pytest.mark.parametrize("kind, params, problem", [
+    ("finetune", {"lr": "fast"}, "lr must be a number"),
+    ("finetune", {"epochs": 2}, "epochs is not a parameter of finetune"),
+    ("quantize", {"mode": "int4"}, "mode 'int4': choose from fp16, bf16, int8, int8-channel"),
+    ("transfer", {"mode": "first"}, "mode 'first': choose from all, last"),
+    ("shift", {"steps": 2.5}, "steps must be a whole number"),
+])
+def test_the_entry_point_checks_parameters_against_the_declaration(tmp_path, kind, params, problem):
+    with pytest.raises(BadArgument, match=problem):
+        api.attack(kind, tmp_path / "never-read.safetensors", tmp_path / "x.safetensors", **params)
+    with pytest.raises(BadInput, match="unknown attack 'melt'"):
+        api.attack("melt", tmp_path / "never-read.safetensors", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()

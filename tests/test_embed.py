@@ -137,14 +137,14 @@ def test_activation_placement_changes_outputs_less_than_minimal_norm(master_file
 
 def test_placement_metric_is_stored_with_the_master_and_matches_the_data(issued):
     from wmtrace import api
-    from wmtrace.trace import load_moments, moments_file
+    from wmtrace.schemes.whitebox import Config
 
     root, _ = issued
     with api.open_registry(root / "registry") as reg:
         m = reg.master("small")
-        stored = load_moments(m)
-        assert moments_file(m.weights).exists()
-        carriers = [carriers_mod.Carrier.from_dict(d) for d in m.config["carriers"]]
+        stored = reg.stored(m)
+        assert reg.moments_path(m.weights).exists()
+        carriers = list(Config.of(m).carriers)
         train = modelio.tensors(modelio.dataset(m.data, "train"), embed.EmbedConfig.moment_samples)[0]
         again = embed.input_moments(modelio.build_model(m), carriers, train, embed.EmbedConfig.ridge)
     assert set(stored) == {c.name for c in carriers}

@@ -7,7 +7,7 @@ import pytest
 
 from wmtrace import carriers as carriers_mod
 from wmtrace.align import Located
-from wmtrace.trace import soft_bits
+from wmtrace.schemes.whitebox.extract import soft_bits
 
 BITS, ROWS, DIM = 32, 48, 144
 

@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 
 from wmtrace import keys
+from wmtrace.codes import CodeSpec
 from wmtrace.errors import BadInput
-from wmtrace.registry import Master, Registry
+from wmtrace.registry import Master, MasterConfig, Registry
+
+CONFIG = MasterConfig(CodeSpec(), {})
 
 
 def _master(reg: Registry, name: str = "m") -> Master:
     with reg.lock():
         weights = reg.weights_path(name)
         weights.write_bytes(b"x")
-        m = Master(name, weights, "0" * 64, "pkg:build", None, {"carriers": []}, "f" * 16, 0.9)
+        m = Master(name, weights, "0" * 64, "pkg:build", None, CONFIG, "f" * 16, 0.9)
         reg.add_master(m)
     return m
 
@@ -130,7 +133,8 @@ def test_a_key_that_is_not_the_registered_one_is_refused(tmp_path):
     key = keys.generate()
     with reg.lock():
         keys.write(reg.key_path("m"), key)
-        reg.add_master(Master("m", reg.weights_path("m"), "0" * 64, "pkg:build", None, {}, keys.fingerprint(key), None))
+        m = Master("m", reg.weights_path("m"), "0" * 64, "pkg:build", None, CONFIG, keys.fingerprint(key), None)
+        reg.add_master(m)
     assert reg.key("m") == key
     os.remove(reg.key_path("m"))
     keys.write(reg.key_path("m"), keys.generate())
@@ -153,3 +157,9 @@ def test_the_registry_lock_is_reentrant_and_exclusive_across_processes(tmp_path)
 def _take_lock(root: str) -> None:
     with Registry(root).lock():
         pass
+
+
+def test_the_sqlite_registry_implements_the_backend_protocol():
+    from wmtrace.registry.base import _conforms
+
+    assert list(_conforms(Registry)) == []

@@ -12,7 +12,8 @@ from wmtrace import align, api, attacks, formats
 from wmtrace.carriers import Carrier
 from wmtrace.errors import BadInput
 from wmtrace.registry import Master
-from wmtrace.trace import master_arrays
+from wmtrace.schemes.whitebox import Config
+from wmtrace.schemes.whitebox.extract import master_arrays
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -164,7 +165,7 @@ def test_trace_of_a_sharded_folder_reads_only_candidates(issued, tmp_path, reads
         m = reg.master("small")
     assert r.verdict == "identified" and r.buyer == {"id": b.id, "name": b.name}
     assert "unrelated.table" not in reads
-    carriers = [Carrier.from_dict(d) for d in m.config["carriers"]]
+    carriers = list(Config.of(m).carriers)
     candidates = {k for k, v in state.items() if any(align._orientations(tuple(v.shape), c) for c in carriers)}
     assert reads and set(reads) <= candidates
     assert len(set(reads)) < len([k for k, v in state.items() if v.is_floating_point()])
@@ -174,7 +175,7 @@ def test_master_arrays_reads_only_the_names_asked_for(issued):
     root, _ = issued
     with api.open_registry(root / "registry") as reg:
         m = reg.master("small")
-    names = [d["name"] for d in m.config["carriers"]]
+    names = [c.name for c in Config.of(m).carriers]
     whole = master_arrays(m)
     some = master_arrays(m, names)
     assert list(some) == names

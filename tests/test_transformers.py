@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 from tests import tiny_bert  # noqa: E402
 from wmtrace import api, attacks, batches, carriers, fidelity, formats, minilm  # noqa: E402
 from wmtrace.errors import BadInput  # noqa: E402
+from wmtrace.schemes.whitebox import Config
 
 TINY = "tests.tiny_bert:build"
 TEXTS = "tests.tiny_bert:small_dataset"
@@ -47,10 +48,10 @@ def _embeddings(state_or_file, texts):
 
 def test_carriers_are_linear_layers_whose_row_mean_the_output_sees(tiny):
     _, m, _ = tiny
-    names = [c["name"] for c in m.config["carriers"]]
+    names = [c.name for c in Config.of(m).carriers]
     assert len(names) >= 3 and len({n.split(".")[2] for n in names}) == 2  # spread over both blocks
     for n in names:
-        assert len(m.config["carriers"][names.index(n)]["shape"]) == 2
+        assert len(Config.of(m).carriers[names.index(n)].shape) == 2
         assert "embed" not in n and "LayerNorm" not in n
         assert not n.endswith("output.dense.weight")  # feeds a residual LayerNorm: row shifts invisible
 
@@ -98,7 +99,7 @@ def test_function_preserving_obfuscation_changes_nothing_and_the_buyer_is_still_
     state = load_file(buyers[1].file)
     obfuscated = OBFUSCATIONS[how](state)
     changed = [k for k in state if not torch.equal(obfuscated[k], state[k])]
-    assert changed and (how == "center") != any(k in changed for k in (c["name"] for c in m.config["carriers"]))
+    assert changed and (how == "center") != any(k in changed for k in (c.name for c in Config.of(m).carriers))
     texts = tiny_bert.small_dataset("test")[:64]
     assert F.cosine_similarity(_embeddings(state, texts), _embeddings(obfuscated, texts)).min() > 0.9999
     formats.save_safetensors(obfuscated, tmp_path / "obfuscated.safetensors")
@@ -150,7 +151,7 @@ def test_minilm_copies_keep_embeddings_and_survive_int8(tmp_path):
     reg = api.open_registry(tmp_path / "registry", create=True)
     m = api.init(reg, "minilm", minilm.weights(), "wmtrace.minilm:build", TEXTS, output="embedding",
                  strength=minilm.STRENGTH)
-    blocks = [c["name"].split(".")[2] for c in m.config["carriers"]]
+    blocks = [c.name.split(".")[2] for c in Config.of(m).carriers]
     assert len(set(blocks)) >= 4  # spread over the depth
     (b,) = api.issue(reg, buyers=1, out=tmp_path / "out")
     assert b.cosine >= 0.9999 and b.agreement >= 0.98

@@ -1,7 +1,31 @@
 """wmtrace: give every buyer of a model a copy carrying its own hidden ID, and name the buyer
-behind a leaked copy. The Python API lives in `wmtrace.api`; the CLI (`wmtrace`) is a thin layer over it."""
+behind a leaked copy.
 
-from .errors import BadInput, WmtraceError
+    import wmtrace
+    reg = wmtrace.open_registry("registry", create=True)
+    wmtrace.init(reg, "my-model", "master.safetensors", "mypkg.models:build", data="mypkg.data:dataset")
+    copies = wmtrace.issue(reg, buyers=10, out="copies/")
+    result = wmtrace.trace("leaked.onnx", reg)   # a TraceResult: verdict, buyer, bound
 
-__version__ = "0.1.0"
-__all__ = ["BadInput", "WmtraceError", "__version__"]
+The CLI (`wmtrace`) is a thin layer over these; ARCHITECTURE.md says where everything else lives.
+"""
+
+from .api import attack, collude, ensure_example, init, issue, list_buyers, open_registry, trace
+from .errors import (
+    BadArgument,
+    BadInput,
+    CorruptFile,
+    InternalError,
+    SelfCheckFailed,
+    UnknownMaster,
+    WmtraceError,
+)
+from .pipeline.trace import TraceResult
+from .registry import Buyer, Master, MasterConfig, Registry
+
+__version__ = "0.2.0"
+__all__ = [
+    "BadArgument", "BadInput", "Buyer", "CorruptFile", "InternalError", "Master", "MasterConfig", "Registry",
+    "SelfCheckFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack", "collude",
+    "ensure_example", "init", "issue", "list_buyers", "open_registry", "trace",
+]

@@ -90,3 +90,13 @@ def accuse(
     hits = np.flatnonzero(z >= t)
     hits = hits[np.argsort(-z[hits], kind="stable")]
     return [Accused(int(i), float(z[i]), float(bound(z[i], n))) for i in hits]
+
+
+def combine(softs: list[np.ndarray]) -> np.ndarray:
+    """One soft value per codeword bit from several schemes' extractions (each in margins, NaN where it
+    read nothing): their mean over the schemes that read the bit, NaN where none did."""
+    stacked = np.stack(softs)
+    known = ~np.isnan(stacked)
+    total = np.where(known, stacked, 0.0).sum(0)
+    count = known.sum(0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)

@@ -54,7 +54,7 @@ def demo(
         f"{story['leaker']['name']} leaks its copy: {leak['pruned']:.0%} of weights pruned, exported to ONNX "
         f"(accuracy {leak['accuracy']:.2%}; onnxruntime agrees with torch on {leak['onnxruntime_agreement']:.2%})"
     )
-    from ..trace import TraceResult
+    from ..pipeline.trace import TraceResult
 
     print_trace(TraceResult(**story["trace"]))
     if story["correct"]:

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from .. import api
+from ..schemes.whitebox import Config
 from .common import JsonOpt, RegistryOpt, emit, err, fail, guarded, out
 
 
@@ -42,7 +43,7 @@ def init(
     ] = None,
     strength: Annotated[
         float, typer.Option(help="Mark strength: RMS change of a carrier's filters over its weights' RMS")
-    ] = api.embed.EmbedConfig.strength,
+    ] = api.DEFAULT_STRENGTH,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -63,8 +64,8 @@ def init(
         "factory": m.factory,
         "data": m.data,
         "accuracy": m.accuracy,
-        "carriers": [{"name": c["name"], "shape": c["shape"], "bits": c["bits"]} for c in m.config["carriers"]],
-        "code": m.config["code"],
+        "carriers": [{"name": c.name, "shape": list(c.shape), "bits": c.bits} for c in Config.of(m).carriers],
+        "code": {"symbols": m.config.code.symbols, "name": m.config.code.name},
         "key_fingerprint": m.key_fingerprint,
         "registry": str(reg.root),
     }

@@ -25,7 +25,7 @@ def registry_backup(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy the database, keys and masters to DEST, verified (keys against their fingerprints)."""
-    from .registry.backup import backup
+    from ..registry.backup import backup
 
     with api.open_registry(registry) as reg:
         info = backup(reg, dest)
@@ -46,8 +46,8 @@ def registry_restore(
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a backup as the registry (a new or empty folder: a key is never overwritten)."""
-    from .registry import default_path
-    from .registry.backup import restore
+    from ..registry import default_path
+    from ..registry.backup import restore
 
     info = restore(src, registry if registry is not None else default_path())
     if as_json:

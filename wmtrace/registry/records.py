@@ -1,9 +1,53 @@
-"""What the registry records: a registered master and an issued (or reserved) buyer copy."""
+"""What the registry records: a registered master (with its typed configuration) and a buyer copy."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..codes import CodeSpec
+from ..errors import BadInput
+
+# Version 1 (0.1.0): one white-box scheme, its "carriers" and "embed" at the top level.
+# Version 2: every scheme's settings under "schemes", by scheme name.
+CONFIG_VERSION = 2
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    """How a master was registered. The registry parses only what every scheme shares; each scheme
+    parses its own entry of `schemes` (`wmtrace.schemes.whitebox.Config.of`)."""
+
+    code: CodeSpec
+    schemes: dict[str, dict]
+    eval_samples: int | None = None  # held-out samples for each copy's fidelity (None: all)
+    dtypes: dict[str, str] = field(default_factory=dict)  # stored dtypes of the master, where not float32
+    shards: int = 1  # copies are written in as many shards as the master came in
+    output: str = "logits"  # what the model returns, "logits" or "embedding": how fidelity is measured
+    version: int = CONFIG_VERSION
+
+    @classmethod
+    def from_json(cls, d: dict, master: str = "") -> MasterConfig:
+        d = migrate(d, master)
+        return cls(CodeSpec(**d["code"]), dict(d["schemes"]), d.get("eval_samples"), dict(d.get("dtypes", {})),
+                   int(d.get("shards", 1)), d.get("output", "logits"), int(d["version"]))
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "code": {"symbols": self.code.symbols, "name": self.code.name},
+                "schemes": self.schemes, "eval_samples": self.eval_samples, "dtypes": self.dtypes,
+                "shards": self.shards, "output": self.output}
+
+
+def migrate(d: dict, master: str = "") -> dict:
+    """A stored configuration brought to `CONFIG_VERSION`, without touching the stored row."""
+    version = int(d.get("version", 1))
+    if version > CONFIG_VERSION:
+        raise BadInput(f"master {master!r} was registered by a newer wmtrace (configuration version {version})")
+    if version == 1:
+        d = {k: v for k, v in d.items() if k not in ("carriers", "embed")} | {
+            "version": 2, "output": d["embed"].get("output", "logits"),
+            "schemes": {"whitebox": {"carriers": d["carriers"], "embed": d["embed"]}}}
+    return d
 
 
 @dataclass
@@ -13,7 +57,7 @@ class Master:
     weights_sha256: str
     factory: str
     data: str | None
-    config: dict
+    config: MasterConfig
     key_fingerprint: str
     accuracy: float | None
 

@@ -15,12 +15,10 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from .. import keys
 from ..errors import BadInput, UnknownMaster
-from .records import Buyer, Master
-from .store import Layout, default_path
+from .records import Buyer, Master, MasterConfig
+from .store import Files, Layout, default_path
 
 TABLES = ("masters", "buyers", "audit")
 SCHEMA = """
@@ -81,7 +79,7 @@ def _owner_alive(owner: str | None) -> bool:
     return True
 
 
-class Registry:
+class Registry(Files):
     """One registry folder. With `create=True` nothing is written until the first write (a
     registration, a reservation): a command that fails its checks leaves no folder behind."""
 
@@ -201,27 +199,9 @@ class Registry:
         )
 
     # Keys ------------------------------------------------------------------------------------
-    def key_path(self, master: str) -> Path:
-        return self.layout.key(master)
-
-    def weights_path(self, master: str) -> Path:
-        return self.layout.weights(master)
-
-    def moments_path(self, weights: str | os.PathLike) -> Path:
-        return self.layout.moments(weights)
-
-    def cache_path(self, name: str) -> Path:
-        return self.layout.cache / name
-
-    def key(self, master: str) -> bytes:
-        """The master's secret, checked against the fingerprint recorded at registration: a key file
-        swapped or regenerated is refused rather than used to accuse anyone."""
-        key = keys.read(self.key_path(master))
-        row = self._rows("SELECT key_fingerprint FROM masters WHERE name = ?", (master,))
-        if row and row[0][0] != keys.fingerprint(key):
-            raise BadInput(f"{self.key_path(master)}: key file does not belong to master {master!r} "
-                           "(fingerprint differs from the registered one); restore the key from a backup")
-        return key
+    def fingerprint(self, master: str) -> str | None:
+        rows = self._rows("SELECT key_fingerprint FROM masters WHERE name = ?", (master,))
+        return rows[0][0] if rows else None
 
     # Masters ---------------------------------------------------------------------------------
     def add_master(self, m: Master) -> None:
@@ -236,7 +216,7 @@ class Registry:
                     m.weights_sha256,
                     m.factory,
                     m.data,
-                    json.dumps(m.config, sort_keys=True),
+                    json.dumps(m.config.to_json(), sort_keys=True),
                     m.key_fingerprint,
                     m.accuracy,
                     time.time(),
@@ -251,7 +231,7 @@ class Registry:
             row["weights_sha256"],
             row["factory"],
             row["data"],
-            json.loads(row["config"]),
+            MasterConfig.from_json(json.loads(row["config"]), row["name"]),
             row["key_fingerprint"],
             row["accuracy"],
         )

@@ -22,7 +22,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+from safetensors.numpy import load_file
+
+from .. import keys
 from ..errors import BadInput
+from .records import Master
 
 DB_NAME = "wmtrace.db"
 LOCK_NAME = "registry.lock"
@@ -112,3 +117,48 @@ class Layout:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+
+class Files:
+    """What a registry keeps in files, whatever holds its records: keys (never in a database, shared or
+    not), master weights and their stored tensors. A backend provides `layout` and `fingerprint`."""
+
+    layout: Layout
+
+    def fingerprint(self, master: str) -> str | None:
+        """The registered key fingerprint of `master` (None: not registered)."""
+        raise NotImplementedError
+
+    def key_path(self, master: str) -> Path:
+        return self.layout.key(master)
+
+    def weights_path(self, master: str) -> Path:
+        return self.layout.weights(master)
+
+    def moments_path(self, weights: str | os.PathLike) -> Path:
+        return self.layout.moments(weights)
+
+    def cache_path(self, name: str) -> Path:
+        return self.layout.cache / name
+
+    def stored(self, m: Master) -> dict[str, np.ndarray]:
+        """The tensors a master's schemes stored at registration (the white-box placement metric per
+        carrier name), as float64; empty when none were."""
+        path = self.layout.moments(m.weights)
+        if not path.exists():
+            return {}
+        try:
+            return {k: v.astype(np.float64) for k, v in load_file(str(path)).items()}
+        except Exception as e:
+            raise BadInput(f"{path}: stored placement metric of master {m.name!r} is unreadable ({e})") from e
+
+    def key(self, master: str) -> bytes:
+        """The master's secret, checked against the fingerprint recorded at registration: a key file
+        swapped or regenerated is refused rather than used to accuse anyone."""
+        key = keys.read(self.key_path(master))
+        recorded = self.fingerprint(master)
+        if recorded is not None and recorded != keys.fingerprint(key):
+            raise BadInput(f"{self.key_path(master)}: key file does not belong to master {master!r} "
+                           "(fingerprint differs from the registered one); restore the key from a backup")
+        return key
+

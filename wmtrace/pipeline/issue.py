@@ -1,0 +1,177 @@
+"""`issue`: buyer copies. Reserve IDs, mark, verify by tracing, measure, write, record.
+
+Each copy is written atomically and recorded only after it traces back to its own buyer; a process
+killed mid-run leaves reservations that the next run takes over (`Registry.reserve`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import codes, failpoint, fidelity, formats, modelio, schemes
+from ..errors import BadArgument, BadInput, SelfCheckFailed
+from ..registry import Buyer, Master, Registry
+from .register import ensure_example
+from .trace import trace_tensors
+
+# (buyers done, buyer count, repair step, repair steps, smallest bit margin) -> None; called during
+# repair and once after each buyer is issued (then with the buyer's final margin).
+Progress = Callable[[int, int, int, int, float], None]
+# Buyer names become file names (NAME.safetensors, and a hidden temporary beside it): one path
+# component, printable, short enough for any file system's 255-byte limit with room to spare.
+MAX_BUYER_NAME = 100
+
+
+def check_buyer_name(name: str) -> None:
+    """Refuse a buyer name that would not be a single, visible file name in the output folder."""
+    if not name:
+        raise BadInput("buyer names must be non-empty")
+    if len(name.encode()) > MAX_BUYER_NAME:
+        raise BadInput(f"buyer name {name[:40]!r}...: longer than {MAX_BUYER_NAME} bytes")
+    if name.startswith(".") or any(ch in "/\\" or not ch.isprintable() for ch in name):
+        raise BadInput(f"buyer name {name!r}: no '/', '\\', control characters or leading '.'")
+
+
+def check_issue(buyers: int | None, names: list[str] | None, eval_samples: int | None) -> list[str | None]:
+    """The names to issue (None: a generated one), or BadInput: every check `issue` can make before
+    it touches the registry, so that a bad request changes nothing."""
+    if eval_samples is not None and eval_samples < 0:
+        raise BadArgument("eval_samples", "must be 0 or more")
+    if names is None:
+        if buyers is None or buyers < 1:
+            raise BadArgument("buyers", "must be at least 1")
+        return [None] * buyers
+    if buyers is not None and buyers != len(names):
+        raise BadArgument("buyers", f"{buyers} does not match the {len(names)} names given")
+    wanted = [n.strip() for n in names]
+    if len(set(wanted)) != len(wanted):
+        raise BadInput("buyer names must be unique")
+    for n in wanted:
+        check_buyer_name(n)
+    return wanted
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".wmtrace-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise BadInput(f"{out}: output folder is not writable ({e.strerror})") from e
+
+
+def issue(
+    reg: Registry,
+    buyers: int | None = None,
+    names: list[str] | None = None,
+    out: str | os.PathLike | None = None,
+    master: str | None = None,
+    progress: Progress | None = None,
+    seed: int | None = None,
+    eval_samples: int | None = None,
+) -> list[Buyer]:
+    """Issue buyer copies; returns those issued by this call.
+
+    `buyers=N` issues N more copies (a killed run's reservations count among them); a `names` list is
+    idempotent: names already issued are skipped. `eval_samples` overrides how many held-out samples
+    measure each copy's fidelity (the master's setting by default: all); 0 skips the measurement, the
+    largest cost per buyer.
+    """
+    wanted = check_issue(buyers, names, eval_samples)
+    m = reg.master(master) if master or reg.masters() else ensure_example(reg)
+    if names is not None:
+        have = {b.name for b in reg.buyers(m.name)}
+        wanted = [n for n in wanted if n not in have]
+        if not wanted:
+            return []
+    out = Path(out) if out is not None else Path.cwd() / "buyers" / m.name
+    check_writable(out)
+    run = _Run(reg, m, eval_samples)
+    reserved = reg.reserve(m.name, wanted)
+    failpoint.reached("issue:reserved")
+    done: list[Buyer] = []
+    try:
+        for i, b in enumerate(reserved):
+            step_cb = (lambda s, n, h, i=i: progress(i, len(reserved), s, n, h)) if progress else None
+            run.one(b, out, seed if seed is not None else b.id, step_cb)
+            failpoint.reached("issue:written")
+            reg.complete(b)
+            failpoint.reached("issue:completed")
+            done.append(b)
+            if progress is not None:
+                progress(len(done), len(reserved), 1, 1, b.margin)
+    except BaseException:
+        reg.release(m.name, [b.id for b in reserved if b.status != "issued"])
+        raise
+    return done
+
+
+class _Run:
+    """What every copy of one master shares in an issuing run, computed once: the master model, each
+    scheme's marker, the held-out data and the master's outputs on it."""
+
+    def __init__(self, reg: Registry, m: Master, eval_samples: int | None):
+        self.reg, self.m = reg, m
+        self.key = reg.key(m.name)
+        model, self.extras = modelio.build(m)
+        train = modelio.dataset(m.data, "train")
+        master = schemes.MasterModel(model, dict(model.state_dict()), train, None)
+        self.master = master
+        stored = reg.stored(m)
+        self.markers = [schemes.get(name).issuer(master, m, cfg, self.key, stored)
+                        for name, cfg in m.config.schemes.items()]
+        self.dtypes = {k: getattr(torch, v) for k, v in m.config.dtypes.items()}
+        limit = m.config.eval_samples if eval_samples is None else eval_samples
+        test = modelio.dataset(m.data, "test") if limit != 0 else None
+        self.held_out = modelio.tensors(test, limit) if test is not None else None
+        self.master_out = fidelity.outputs(model, self.held_out[0]) if self.held_out is not None else None
+
+    def one(self, b: Buyer, out: Path, seed: int, progress) -> None:
+        """Mark, check and write one copy; fills in `b` (file, sha256, margin, fidelity, codeword)."""
+        m = self.m
+        bits = codes.codeword(self.key, m.name, b.id, m.config.code)
+        model = modelio.import_object(m.factory)()
+        model.load_state_dict(self.master.model.state_dict(), strict=False)
+        for marker in self.markers:
+            marker.embed(model, bits, seed, progress)
+        final = self.extras | {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        final = {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in final.items()}
+        # Margin, self-check and fidelity of the copy as written (after any rounding to fp16/bf16).
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in final.items()}, strict=False)
+        b.margin = min(marker.margin(model, bits) for marker in self.markers)
+        _verify(self.reg, m, b, final)
+        if self.held_out is not None:
+            _measure(b, fidelity.outputs(model, self.held_out[0]), self.master_out, self.held_out[1], m.config.output)
+        if m.config.shards > 1:
+            path = out / b.name
+            formats.save_sharded(final, path, m.config.shards)
+        else:
+            path = out / f"{b.name}.safetensors"
+            formats.save_safetensors(final, path)
+        b.file, b.sha256, b.status = str(path.resolve()), modelio.sha256_file(path), "issued"
+        b.codeword = np.packbits(bits).tobytes().hex()
+
+
+def _measure(b: Buyer, ours: torch.Tensor, master: torch.Tensor, labels: torch.Tensor | None, output: str) -> None:
+    """Fidelity of a copy: classifiers top-1 agreement (and accuracy with labels); encoders mean
+    cosine similarity and top-1 nearest-neighbour retrieval agreement (stored as agreement)."""
+    if output == "embedding":
+        b.cosine, b.agreement = fidelity.embedding_fidelity(ours, master)
+        return
+    predicted = ours.argmax(1)
+    b.agreement = float((predicted == master.argmax(1)).float().mean())
+    b.accuracy = float((predicted == labels).float().mean()) if labels is not None else None
+
+
+def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor]) -> None:
+    """Trace the copy before it leaves: a copy that would not name its buyer is never issued."""
+    arrays = {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
+    result = trace_tensors(arrays, reg, master=m.name, pending=[b])
+    if result.verdict != "identified" or result.buyer is None or result.buyer["id"] != b.id:
+        raise SelfCheckFailed(f"buyer {b.name!r}: the embedded mark did not verify ({result.reason or result.verdict})")

@@ -1,0 +1,143 @@
+"""`init`: register a master. Check everything, prepare every scheme, then write under the lock.
+
+Nothing is written before the weights load, the model builds and runs on the data, and each scheme
+has prepared its configuration; then the master's files, its key and its row are written while the
+registry lock is held (`_register`), in an order that no interruption can turn into a lost key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .. import codes, embed, failpoint, fidelity, formats, keys, modelio, schemes
+from ..errors import BadArgument, BadInput
+from ..registry import Master, MasterConfig, Registry
+from ..schemes import whitebox
+
+EXAMPLE_MASTER = "fashion-cnn"
+EXAMPLE_FACTORY = "wmtrace.example:build"
+EXAMPLE_DATA = "wmtrace.example:dataset"
+# Training inputs on which candidate carrier layers are ranked by what a mark there costs.
+COST_SAMPLES = 64
+
+
+def check_name(name: str) -> None:
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith("."):
+        raise BadInput(f"master name {name!r}: use letters, digits, '-', '_' and '.'")
+
+
+def init(
+    reg: Registry,
+    name: str,
+    weights: str | os.PathLike,
+    factory: str,
+    data: str | None = None,
+    carriers: list[str] | None = None,
+    bits: int = 256,
+    layers: int | None = None,
+    strength: float = embed.EmbedConfig.strength,
+    steps: int = embed.EmbedConfig.steps,
+    eval_samples: int | None = None,
+    placement: str = embed.EmbedConfig.placement,
+    output: str = embed.EmbedConfig.output,
+    loss: str | None = None,
+) -> Master:
+    """Register a master: copy its weights into the registry, prepare its scheme, create its key.
+
+    `weights` may be a safetensors file, a sharded folder or index, an fp16/bf16 file or a plain
+    checkpoint; tensors the model lacks (extra heads, adapters) are kept and copied to buyers
+    unmarked. `output` says what the model returns ("logits" or "embedding"), which decides how
+    fidelity is measured and repaired; `loss` (module:function(output, master_output)) overrides it.
+    """
+    check_name(name)
+    if any(m.name == name for m in reg.masters()):
+        raise BadInput(f"master {name!r} is already registered")
+    whitebox.check_options(strength, steps, placement, output, loss, layers)
+    spec = codes.CodeSpec(symbols=bits // 8)
+    if bits % 8 or bits < 72:
+        raise BadArgument("bits", f"{bits}: use a multiple of 8, at least 72")
+    try:
+        spec.validate()
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    source = formats.open_tensors(weights)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in source.items()}
+
+    model = modelio.import_object(factory)()
+    extras = modelio.load_into(model, state, f"{weights}: weights do not fit the model built by {factory}")
+    model.eval()
+    train, test = modelio.dataset(data, "train"), modelio.dataset(data, "test")
+    data_set = train if train is not None else test
+    probe = modelio.tensors(data_set, COST_SAMPLES)[0] if data_set is not None else None  # a few real inputs
+    master = schemes.MasterModel(model, state, train, probe)
+    options = {"carriers": carriers, "layers": layers, "strength": strength, "steps": steps,
+               "placement": placement, "output": output, "loss": loss}
+    scheme = schemes.get(whitebox.NAME)
+    scheme_config, stored = scheme.prepare(master, spec.bits, options)
+    accuracy = None
+    if test is not None and output == "logits":
+        inputs, labels = modelio.tensors(test, eval_samples)
+        if labels is not None:
+            accuracy = fidelity.evaluate(model, inputs, labels)
+    # Copies are written in the dtypes and shard count the master came in (fp16/bf16 stay half size;
+    # a sharded Hugging Face folder gives sharded folders).
+    config = MasterConfig(spec, {scheme.name: scheme_config}, eval_samples, source.dtypes, max(1, len(source.files)),
+                          output)
+    registered = {k: state[k] for k in extras} | {k: v.contiguous() for k, v in model.state_dict().items()}
+    with reg.lock():  # one registration at a time: the name is checked and taken under the lock
+        if any(m.name == name for m in reg.masters()):
+            raise BadInput(f"master {name!r} is already registered")
+        return _register(reg, name, registered, stored, factory, data, config, accuracy)
+
+
+def _register(reg: Registry, name: str, weights: dict[str, torch.Tensor], stored: dict[str, torch.Tensor],
+              factory: str, data: str | None, config: MasterConfig, accuracy: float | None) -> Master:
+    """Write the master's files and its row; called under the registry lock, with the name free.
+
+    A key file already there (left by a registration killed before its row was written) is used, not
+    replaced: a key file is never deleted or overwritten, so no failure here can lose one. Files left
+    by such a run are rewritten; on failure only files this call created are removed."""
+    dest = reg.weights_path(name)
+    stored_path = reg.moments_path(dest)
+    created = [p for p in (dest, stored_path) if not p.exists()]
+    try:
+        formats.save_safetensors(weights, dest)
+        failpoint.reached("init:weights")
+        if stored:
+            formats.save_safetensors(stored, stored_path)
+        if reg.key_path(name).exists():
+            key = reg.key(name)
+        else:
+            key = keys.generate()
+            keys.write(reg.key_path(name), key)
+        failpoint.reached("init:key")
+        m = Master(name, dest, modelio.sha256_file(dest), factory, data, config, keys.fingerprint(key), accuracy)
+        reg.add_master(m)
+        failpoint.reached("init:registered")
+    except BaseException:
+        if not any(x.name == name for x in reg.masters()):
+            for p in created:
+                p.unlink(missing_ok=True)
+        raise
+    return m
+
+
+def ensure_example(reg: Registry, epochs: int = 2, progress: Callable[[int, int], None] | None = None) -> Master:
+    """The bundled Fashion-MNIST master, trained once and registered, for commands run with no setup.
+    Under the registry lock: of two first runs at once, one trains and registers, the other waits."""
+    with reg.lock():
+        for m in reg.masters():
+            if m.name == EXAMPLE_MASTER:
+                return m
+        from .. import example
+
+        trained = reg.cache_path(f"{EXAMPLE_MASTER}.safetensors")
+        if not trained.exists():
+            trained.parent.mkdir(mode=0o700, exist_ok=True)
+            example.train_master(trained, epochs=epochs, progress=progress)
+        return init(reg, EXAMPLE_MASTER, trained, EXAMPLE_FACTORY, EXAMPLE_DATA)
+

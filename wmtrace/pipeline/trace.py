@@ -1,0 +1,175 @@
+"""`trace`: name the buyer behind a leak. load -> locate -> extract -> decode -> accuse -> report.
+
+Each scheme a master was registered with locates its evidence in the leak and extracts soft bits
+(`wmtrace.schemes`); the soft bits are combined and decoded against the master's buyers here.
+Several masters may match: the best-located is tried first, and the bound is split among them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .. import accuse, codes, formats, schemes
+from ..errors import BadArgument
+from ..registry import Buyer, Master, Registry
+
+IDENTIFIED = "identified"
+COLLUDERS = "colluders"
+NO_WATERMARK = "no watermark"
+UNKNOWN_MASTER = "unknown master"
+DEFAULT_MAX_FALSE_POSITIVE = 1e-6
+@dataclass
+class TraceResult:
+    verdict: str
+    file: str
+    master: str | None = None
+    buyer: dict | None = None
+    bit_errors: int | None = None
+    bits: int | None = None
+    bits_missing: int | None = None
+    symbol_errors: int | None = None
+    erasures: int | None = None
+    false_positive_probability: float | None = None
+    # Buyers accused by score when several copies were merged: id, name, score, false_accusation_bound.
+    colluders: list[dict] = field(default_factory=list)
+    carriers: list[dict] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return {IDENTIFIED: 0, COLLUDERS: 0, NO_WATERMARK: 1}.get(self.verdict, 2)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trace_tensors(
+    tensors: Mapping[str, np.ndarray],
+    registry: Registry,
+    file: str = "",
+    master: str | None = None,
+    max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE,
+    pending: list[Buyer] = (),
+) -> TraceResult:
+    """Trace weights in memory, or read lazily (`formats.open_tensors`); `pending` buyers count as
+    issued (for self-checks)."""
+    if not 0.0 < max_false_positive < 1.0:
+        raise BadArgument("max_false_positive", f"{max_false_positive}: use a probability between 0 and 1")
+    masters = [registry.master(master)] if master else registry.masters()
+    if not masters:
+        return TraceResult(UNKNOWN_MASTER, file, reason=f"registry {registry.root} has no master")
+
+    # Locate: masters whose carriers match best are tried first; the first that decodes claims the
+    # file (two masters can be near-identical, e.g. the same weights registered twice).
+    candidates = []
+    for m in masters:
+        located = {name: schemes.get(name).locate(tensors, m, cfg) for name, cfg in m.config.schemes.items()}
+        located = {name: loc for name, loc in located.items() if loc is not None}
+        if located:
+            candidates.append((max(loc.score for loc in located.values()), m, located))
+    candidates.sort(key=lambda c: -c[0])
+    # Each master tried is one more chance of a false accusation: split the bound among them.
+    share = max_false_positive / max(1, len(candidates))
+    results = [
+        _trace_master(m, located, registry, file, share, pending) for _, m, located in candidates
+    ]
+    for r in results:
+        if r.verdict in (IDENTIFIED, COLLUDERS):
+            r.false_positive_probability = min(1.0, r.false_positive_probability * len(candidates))
+            for c in r.colluders:
+                c["false_accusation_bound"] = min(1.0, c["false_accusation_bound"] * len(candidates))
+            return r
+    if results:
+        return results[0]
+    return TraceResult(NO_WATERMARK, file, reason="no registered master's carrier layers were found in this file")
+
+
+def _trace_master(
+    m: Master,
+    located: dict[str, schemes.Located],
+    registry: Registry,
+    file: str,
+    max_false_positive: float,
+    pending: list[Buyer],
+) -> TraceResult:
+    """Extract every located scheme's soft bits, combine them, then decode and accuse for one master."""
+    key = registry.key(m.name)
+    spec = m.config.code
+    stored = registry.stored(m)
+    soft = accuse.combine([
+        schemes.get(name).extract(loc, m, m.config.schemes[name], key, spec.bits, stored)
+        for name, loc in located.items()
+    ])
+    summary = [row for loc in located.values() for row in loc.report]
+    missing = int(np.count_nonzero(np.isnan(soft)))
+    result = TraceResult(NO_WATERMARK, file, master=m.name, bits=spec.bits, bits_missing=missing, carriers=summary)
+    known = ~np.isnan(soft)
+    if known.any() and float(np.nanmax(np.abs(soft))) < 1e-6:
+        result.reason = "carrier weights equal the master's: this is the unmarked master"
+        return result
+    issued = {b.id: b for b in [*registry.buyers(m.name), *pending] if b.master == m.name}
+    _verdict(result, soft, key, m.name, spec, issued, max_false_positive)
+    return result
+
+
+def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spec: codes.CodeSpec,
+             issued: dict[int, Buyer], max_false_positive: float) -> None:
+    """Decode, then accuse by score: one buyer by decoding alone is `identified`; anything else that
+    clears the bound is `colluders`; nothing is `no watermark`."""
+
+    def check(data: bytes) -> int | None:
+        buyer_id = codes.verify(key, master, data)
+        return buyer_id if buyer_id in issued else None
+
+    decoded = codes.decode(soft, spec, check, max(1, len(issued)), max_false_positive)
+    ids = sorted(issued)
+    words = codes.codewords(key, master, ids, spec)
+    accused = accuse.accuse(soft, words, spec, max_false_positive)
+    if decoded is not None and {ids[a.index] for a in accused} <= {decoded.buyer_id}:
+        b = issued[decoded.buyer_id]
+        result.verdict = IDENTIFIED
+        result.buyer = {"id": b.id, "name": b.name}
+        result.bit_errors = decoded.bit_errors
+        result.symbol_errors = decoded.symbol_errors
+        result.erasures = decoded.erasures
+        result.false_positive_probability = decoded.false_positive_probability
+        return
+    if decoded is None and not accused:
+        result.reason = "no registered buyer's codeword decodes from the extracted bits or scores above the threshold"
+        return
+    # Several buyers' marks, or one too weak to decode: accuse by score.
+    result.verdict = COLLUDERS
+    for a in accused:
+        b = issued[ids[a.index]]
+        result.colluders.append(
+            {"id": b.id, "name": b.name, "score": round(a.score, 3), "false_accusation_bound": a.false_accusation_bound}
+        )
+    if decoded is not None and all(c["id"] != decoded.buyer_id for c in result.colluders):
+        b = issued[decoded.buyer_id]
+        z = float(accuse.scores(soft, words[ids.index(b.id)][None], spec)[0])
+        bound = decoded.false_positive_probability
+        result.colluders.append({"id": b.id, "name": b.name, "score": round(z, 3), "false_accusation_bound": bound})
+    result.false_positive_probability = max(c["false_accusation_bound"] for c in result.colluders)
+    result.reason = (
+        f"{len(result.colluders)} buyers' codewords agree with the extracted bits: copies merged"
+        if len(result.colluders) > 1
+        else "one buyer's codeword agrees with the extracted bits, too weakly to decode"
+    )
+
+
+def trace(
+    path: str | os.PathLike,
+    registry: Registry,
+    master: str | None = None,
+    max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE,
+) -> TraceResult:
+    """Trace a leaked .safetensors / .onnx / checkpoint (file or folder) against the registry."""
+    tensors = formats.open_tensors(path)  # read lazily: only tensors shaped like a carrier are loaded
+    result = trace_tensors(tensors, registry, str(path), master, max_false_positive)
+    buyer = result.buyer["id"] if result.buyer else None
+    registry.log_trace(str(path), result.verdict, result.master, buyer, [c["id"] for c in result.colluders])
+    return result
