@@ -5,7 +5,7 @@
 REG is a registry holding the example master and its issued buyers (issued with `wmtrace issue`,
 or by this script with --buyers N into a temporary registry when --registry is not given). For
 every merge kind and colluder count, `--trials` random sets of issued buyers are merged
-(`attacks.collude`) and traced (`trace.trace_tensors`, the path of `wmtrace trace`). The same
+(`attacks.collude`) and traced (`pipeline.trace.trace_tensors`, the path of `wmtrace trace`). The same
 extracted soft bits are then scored against larger registries (the issued buyers plus codewords of
 buyers who bought but did not collude: only their codewords matter to an accusation) to show how
 many colluders are caught for N buyers. Finally, scoring speed for 100,000 buyers on one core.
@@ -26,13 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_trace import timed  # noqa: E402
+from _common import SoftBits, example_accuracy, named, timed, write_json  # noqa: E402
 
-from wmtrace import accuse, api, attacks, codes, example, fidelity  # noqa: E402
-from wmtrace.align import locate  # noqa: E402
-from wmtrace.carriers import Carrier  # noqa: E402
+from wmtrace import accuse, api, attacks, codes  # noqa: E402
 from wmtrace.data import load_fashion_mnist  # noqa: E402
-from wmtrace.trace import extract, master_arrays, trace_tensors  # noqa: E402
+from wmtrace.pipeline.trace import trace_tensors  # noqa: E402
 
 
 def speed(n: int = 100_000) -> dict:
@@ -75,14 +73,10 @@ def main() -> None:
     buyers = reg.buyers(m.name)
     ids = np.array([b.id for b in buyers])
     states = [load_file(b.file) for b in buyers]
-    spec = codes.CodeSpec(**m.config["code"])
-    key = reg.key(m.name)
-    arrays = master_arrays(m)
-    carriers = [Carrier.from_dict(d) for d in m.config["carriers"]]
+    read = SoftBits(reg, m, metrics=False)
+    key, spec = read.key, read.spec
     inputs, labels = load_fashion_mnist("test", limit=args.accuracy_samples)
-    model = example.build()
-    model.load_state_dict(load_file(str(m.weights)))
-    master_accuracy_subset = fidelity.evaluate(model.eval(), inputs, labels)
+    master_accuracy_subset = example_accuracy(load_file(str(m.weights)), inputs, labels)
     scaled = [int(s) for s in args.scaled.split(",")]
     extra = {n: codes.codewords(key, m.name, np.arange(1, max(n, ids.max()) + 1), spec) for n in scaled}
     print(f"{len(buyers)} issued buyers; master accuracy {m.accuracy:.4f} ({master_accuracy_subset:.4f} on the subset)",
@@ -101,15 +95,15 @@ def main() -> None:
                 merged = attacks.collude([states[i] for i in pick], how)
                 tensors = {n: v.numpy() for n, v in merged.items() if v.is_floating_point()}
                 r = trace_tensors(tensors, reg, master=m.name)
-                named = {r.buyer["id"]} if r.buyer else {c["id"] for c in r.colluders}
-                soft = extract(locate(tensors, arrays, carriers), arrays, key, m.config)
+                accused = named(r)
+                soft = read(tensors)
                 z = accuse.scores(soft, extra[scaled[-1]], spec)
                 gmask = np.zeros(len(z), dtype=bool)
                 gmask[[g - 1 for g in guilty]] = True
                 row = {
-                    "colluders": sorted(guilty), "verdict": r.verdict, "named": sorted(named),
-                    "true_named": len(named & guilty), "innocents_named": len(named - guilty),
-                    "max_bound": r.false_positive_probability if named else None,
+                    "colluders": sorted(guilty), "verdict": r.verdict, "named": sorted(accused),
+                    "true_named": len(accused & guilty), "innocents_named": len(accused - guilty),
+                    "max_bound": r.false_positive_probability if accused else None,
                     "colluder_scores": [round(float(s), 3) for s in z[gmask]],
                     "max_innocent_score_issued": float(np.max(np.delete(z[: ids.max()], [g - 1 for g in guilty]))),
                 }
@@ -119,9 +113,7 @@ def main() -> None:
                     row[f"score_caught_N{n}"] = int((zn[gmask[: len(zn)]] >= t).sum())
                     row[f"score_innocents_N{n}"] = int((np.delete(zn, [g - 1 for g in guilty]) >= t).sum())
                 if trial < args.accuracy_trials:
-                    model.load_state_dict(merged, strict=False)
-                    model.eval()
-                    row["accuracy"] = fidelity.evaluate(model, inputs, labels)
+                    row["accuracy"] = example_accuracy(merged, inputs, labels)
                 rows.append(row)
             acc = [r["accuracy"] for r in rows if "accuracy" in r]
             cell = {
@@ -156,8 +148,7 @@ def main() -> None:
         "threshold": accuse.threshold(len(buyers), 1e-6), "cells": cells, "speed": speed(),
     }
     print(json.dumps(result["speed"]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,11 +40,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from wmtrace import api, attacks, codes, embed, example, fidelity
-from wmtrace import carriers as carriers_mod
-from wmtrace.carriers import Carrier
-from wmtrace.data import load_fashion_mnist
-from wmtrace.trace import load_moments
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_json  # noqa: E402
+
+from wmtrace import api, attacks, codes, embed, example, fidelity  # noqa: E402
+from wmtrace import carriers as carriers_mod  # noqa: E402
+from wmtrace.carriers import Carrier  # noqa: E402
+from wmtrace.data import load_fashion_mnist  # noqa: E402
+from wmtrace.registry import Master  # noqa: E402
+from wmtrace.schemes.whitebox import Config  # noqa: E402
 
 State = dict[str, torch.Tensor]
 # (statistic, placement, strength) for --settings; the default is signed, activation-aware, 0.2.
@@ -121,21 +125,25 @@ def ranking(copies: list[dict], carriers: list[str]) -> dict:
     return out
 
 
-def carriers_as(m, statistic: str) -> list[Carrier]:
+def carrier_names(m: Master) -> list[str]:
+    return [c.name for c in Config.of(m).carriers]
+
+
+def carriers_as(m: Master, statistic: str) -> list[Carrier]:
     """The master's carriers, reading bits from signed means or (Uchida et al.) the plain filter mean."""
-    return [dataclasses.replace(Carrier.from_dict(d), signed=statistic == "signed") for d in m.config["carriers"]]
+    return [dataclasses.replace(c, signed=statistic == "signed") for c in Config.of(m).carriers]
 
 
-def placed(m, key: bytes, master: State, n: int, statistic: str, placement: str,
-           strength: float) -> list[tuple[State, np.ndarray]]:
+def placed(m: Master, stored: dict[str, np.ndarray], key: bytes, master: State, n: int, statistic: str,
+           placement: str, strength: float) -> list[tuple[State, np.ndarray]]:
     """`n` copies placed as `issue` would with another statistic, placement or strength (codewords of
-    unissued IDs), each with its codeword bits."""
+    unissued IDs), each with its codeword bits; `stored`: the master's stored placement metric."""
     cs = carriers_as(m, statistic)
     xs = [c.secret(key) for c in cs]
-    stored = load_moments(m) if placement == "activation" else {}
-    maps = [carriers_mod.embedding_map(x, stored.get(c.name)) for c, x in zip(cs, xs, strict=True)]
+    metrics = stored if placement == "activation" else {}
+    maps = [carriers_mod.embedding_map(x, metrics.get(c.name)) for c, x in zip(cs, xs, strict=True)]
     margins = [embed.margin(master[c.name], c, strength) for c in cs]
-    spec = codes.CodeSpec(**m.config["code"])
+    spec = m.config.code
     out = []
     for i in range(n):
         state = {k: v.clone() for k, v in master.items()}
@@ -155,7 +163,8 @@ def bit_errors(cs: list[Carrier], key: bytes, master: State, state: State, bits:
     return wrong / len(bits)
 
 
-def settings(m, key: bytes, master: State, n: int, inputs: torch.Tensor) -> dict:
+def settings(m: Master, stored: dict[str, np.ndarray], key: bytes, master: State, n: int,
+             inputs: torch.Tensor) -> dict:
     """(c) Would another placement or strength hide the carriers? Reference-free ranking, the copies'
     top-1 agreement with the master on 2,000 test images, and the bit error rate left after
     `attacks.project` (the removals this visibility enables) for each of PROJECT, per setting."""
@@ -165,7 +174,7 @@ def settings(m, key: bytes, master: State, n: int, inputs: torch.Tensor) -> dict
     trainer = attacks.Trainer(example.build, example.dataset)
     out = {}
     for statistic, placement, strength in SETTINGS:
-        pairs = placed(m, key, master, n, statistic, placement, strength)
+        pairs = placed(m, stored, key, master, n, statistic, placement, strength)
         cs = carriers_as(m, statistic)
         agree = []
         for st, _ in pairs:
@@ -176,8 +185,8 @@ def settings(m, key: bytes, master: State, n: int, inputs: torch.Tensor) -> dict
                                for st, bits in pairs] for part, f in PROJECT}
         stats = [layer_stats(st, inputs) for st, _ in pairs]
         name = f"{statistic}/{placement}/{strength}"
-        out[name] = {"ranking": ranking(stats, [c["name"] for c in m.config["carriers"]]),
-                                         "agreement_mean": float(np.mean(agree)), "ber_after_project": ber}
+        out[name] = {"ranking": ranking(stats, carrier_names(m)),
+                     "agreement_mean": float(np.mean(agree)), "ber_after_project": ber}
         for k, r in out[name]["ranking"].items():
             print(f"(c) {name:28s} {k:14s} carriers on top in {r['carriers_on_top']}/{r['copies']}, "
                   f"carriers / best other layer {r['ratio_min']:.2f}-{r['ratio_max']:.2f}", flush=True)
@@ -218,13 +227,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reg = api.open_registry(args.registry or Path(tmp) / "registry", create=True)
         m = api.ensure_example(reg)
-        carriers = [d["name"] for d in m.config["carriers"]]
+        carriers = carrier_names(m)
         master = load_file(str(m.weights))
         if args.settings:
-            result = {"copies": args.copies, "settings": settings(m, reg.key(m.name), master, args.copies, inputs)}
+            found = settings(m, reg.stored(m), reg.key(m.name), master, args.copies, inputs)
+            result = {"copies": args.copies, "settings": found}
             result.update(date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1))
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            write_json(args.out, result, indent=1, newline=True)
             return
         issued = copies(reg, m, args.copies, Path(tmp) / "buyers")
     result: dict = {"copies": args.copies, "carriers": carriers, "finetune": {"epochs": args.epochs, "lr": args.lr}}
@@ -242,8 +251,7 @@ def main() -> None:
             print(f"{what:18s} {k:14s} carriers on top in {r['carriers_on_top']}/{r['copies']} copies, "
                   f"carriers / best other layer {r['ratio_min']:.2f}-{r['ratio_max']:.2f}")
     result.update(date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1), torch=torch.__version__)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1, newline=True)
 
 
 if __name__ == "__main__":

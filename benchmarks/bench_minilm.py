@@ -14,8 +14,8 @@ Writes benchmarks/results/minilm.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from wmtrace import api, attacks, fidelity, formats, minilm
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_json  # noqa: E402
+
+from wmtrace import api, attacks, fidelity, formats, minilm  # noqa: E402
+from wmtrace.schemes.whitebox import Config  # noqa: E402
 
 FACTORY, DATA = "wmtrace.minilm:build", "wmtrace.minilm:dataset"
 
@@ -136,7 +140,7 @@ def run_strength(strength: float, buyers: int, tmp: Path, texts: dict, tunes: li
     reg.close()
     return {
         "strength": strength,
-        "carriers": [c["name"] for c in m.config["carriers"]],
+        "carriers": [c.name for c in Config.of(m).carriers],
         "init_seconds": round(init_s, 1),
         "seconds_per_buyer": round(issue_s, 1),
         "buyers": [{"id": b.id, "cosine": b.cosine, "retrieval_agreement": b.agreement, "margin": b.margin}
@@ -162,8 +166,7 @@ def main() -> None:
         for s in (float(x) for x in args.strengths.split(",")):
             tunes = [(int(a), float(b)) for a, b in (x.split(":") for x in args.finetune.split(",") if x)]
             results["runs"].append(run_strength(s, args.buyers, Path(tmp), texts, tunes, args.only_project))
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2))
+            write_json(args.out, results)
     for run in results["runs"]:
         if "buyers" not in run:
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,9 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wmtrace import api, codes, embed, fidelity, modelio
-from wmtrace.carriers import Carrier, embedding_map
-from wmtrace.data import load_fashion_mnist
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_json  # noqa: E402
+
+from wmtrace import api, codes, embed, fidelity, modelio  # noqa: E402
+from wmtrace.carriers import embedding_map  # noqa: E402
+from wmtrace.data import load_fashion_mnist  # noqa: E402
+from wmtrace.schemes.whitebox import Config  # noqa: E402
 
 VARIANTS = [  # (placement, ridge, repair steps, strength), each with signed and plain-mean statistics
     ("minimal-norm", 0.0, 0, 0.2),
@@ -49,8 +54,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reg = api.open_registry(Path(tmp) / "registry", create=True)
         m = api.init(reg, "m", args.master, api.EXAMPLE_FACTORY, api.EXAMPLE_DATA)
-        key, spec = reg.key("m"), codes.CodeSpec(**m.config["code"])
-        signed = [Carrier.from_dict(d) for d in m.config["carriers"]]
+        key, spec = reg.key("m"), m.config.code
+        signed = list(Config.of(m).carriers)
         master = modelio.build_model(m)
         master_pred = fidelity.predictions(master, x_test)
         master_acc = float((master_pred == y_test).float().mean())
@@ -90,9 +95,8 @@ def main() -> None:
                    "relative_weight_change": float(np.mean(change))}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                                    "master_accuracy": master_acc, "rows": rows}, indent=2))
+    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                          "master_accuracy": master_acc, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ lower-level pieces (carriers, embed.place, codes), since `api.issue` builds a fl
 Each measurement runs in a fresh subprocess, which reports its own peak resident memory (VmHWM of
 /proc/self/status: unlike ru_maxrss it does not inherit the parent's high-water mark across exec):
 reading the copy once (plain file reads; safe_open + get_tensor + float32 of every tensor, each dropped
-before the next), tracing with the streaming path (`trace.trace`), and the eager path
+before the next), tracing with the streaming path (`wmtrace.pipeline.trace.trace`), and the eager path
 (`formats.load_tensors` of the whole copy, then `trace_tensors`). The page cache is warm: the files
 were just written, so reading measures memory bandwidth and conversion, not the disk.
 """
@@ -27,9 +27,11 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_json  # noqa: E402
 
 MASTER = "llama"
 STEPS = ("make", "baseline", "read-file", "read-safe-open", "trace-stream", "trace-eager")
@@ -67,66 +69,38 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int):
     return state
 
 
-def save_sharded(state: dict, folder: Path, shards: int) -> Path:
-    """Shards of about equal size in name order, and the index that maps names to them."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, t in state.items():
-        if size >= total * len(groups) / shards and len(groups) < shards:
-            groups.append([])
-        groups[-1].append(name)
-        size += t.numel() * t.element_size()
-    weight_map = {}
-    for i, names in enumerate(groups):
-        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: state[n] for n in names}, str(folder / file), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(names, file)
-    index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    return index
-
-
 def make(root: Path, args: argparse.Namespace) -> dict:
     """The master registered in root/registry and one buyer copy in root/leaked, issued as `api` would."""
     import numpy as np
-    from safetensors.torch import save_file
 
     from wmtrace import carriers as carriers_mod
-    from wmtrace import codes, embed, keys
-    from wmtrace.api import sha256_file
-    from wmtrace.registry import Master, Registry
+    from wmtrace import codes, embed, formats, keys
+    from wmtrace.modelio import sha256_file
+    from wmtrace.registry import Master, MasterConfig, Registry
+    from wmtrace.schemes.whitebox import NAME, Config
 
     shapes = llama_shapes(args.layers, args.hidden, args.intermediate, args.kv, args.vocab)
     state = random_state(shapes, seed=0)
-    reg = Registry(root / "registry", create=True)
-    with reg.lock():  # creates the registry folder
-        weights = reg.weights_path(MASTER)
-        save_file(state, str(weights))
-
     spec = codes.CodeSpec(symbols=args.bits // 8)
     names = [f"model.layers.{i}.self_attn.k_proj.weight" for i in args.carrier_layers]
     chosen = carriers_mod.select(state, spec.bits, names)
-    strength = embed.EmbedConfig.strength
-    config = {
-        "code": {"symbols": spec.symbols, "name": spec.name},
-        "carriers": [{**c.to_dict(), "margin": embed.margin(state[c.name], c, strength)} for c in chosen],
-        "embed": {**asdict(embed.EmbedConfig()), "strength": strength, "steps": 0, "placement": "minimal-norm"},
-        "eval_samples": 0,
-    }
-    key = keys.generate()
-    keys.write(reg.key_path(MASTER), key)
-    reg.add_master(Master(MASTER, weights, sha256_file(weights), "none:none", None, config,
-                          keys.fingerprint(key), None))
+    cfg = embed.EmbedConfig(steps=0, placement="minimal-norm")
+    margins = tuple(embed.margin(state[c.name], c, cfg.strength) for c in chosen)
+    config = MasterConfig(spec, {NAME: Config(tuple(chosen), margins, cfg).to_dict()}, eval_samples=0)
+    reg = Registry(root / "registry", create=True)
+    with reg.lock():  # creates the registry; one registration at a time, as `init` does
+        weights = reg.weights_path(MASTER)
+        formats.save_safetensors(state, weights)
+        key = keys.generate()
+        keys.write(reg.key_path(MASTER), key)
+        reg.add_master(Master(MASTER, weights, sha256_file(weights), "none:none", None, config,
+                              keys.fingerprint(key), None))
 
     (b,) = reg.reserve(MASTER, ["leaker"])
     bits = codes.codeword(key, MASTER, b.id, spec)
-    margins = [d["margin"] for d in config["carriers"]]
-    embed.place(state, chosen, [c.secret(key) for c in chosen], margins, bits)  # in place, bfloat16 kept
-    index = save_sharded(state, root / "leaked", args.shards)
+    embed.place(state, chosen, [c.secret(key) for c in chosen], list(margins), bits)  # in place, bfloat16 kept
+    formats.save_sharded(state, root / "leaked", args.shards)
+    index = root / "leaked" / "model.safetensors.index.json"
     b.file, b.sha256, b.status = str(index.parent), sha256_file(index), "issued"
     b.codeword = np.packbits(bits).tobytes().hex()
     reg.complete(b)
@@ -169,7 +143,7 @@ def read_safe_open(folder: Path) -> dict:
 
 
 def trace_stream(root: Path) -> dict:
-    from wmtrace import trace
+    from wmtrace.pipeline import trace
     from wmtrace.registry import Registry
 
     with Registry(root / "registry") as reg:
@@ -179,7 +153,8 @@ def trace_stream(root: Path) -> dict:
 
 def trace_eager(root: Path) -> dict:
     """The file read whole as float32 first (what `trace` did before streaming), then traced."""
-    from wmtrace import formats, trace
+    from wmtrace import formats
+    from wmtrace.pipeline import trace
     from wmtrace.registry import Registry
 
     t0 = time.perf_counter()
@@ -280,8 +255,7 @@ def main() -> None:
         "results": results,
         "ratios": ratios,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, newline=True)
     print(json.dumps(ratios))
 
 

@@ -9,26 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
 
-from wmtrace import api, attacks, example, fidelity, formats
-from wmtrace.data import load_fashion_mnist
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import example_accuracy, named, run_info, timed, write_json  # noqa: E402
 
-
-def timed(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from wmtrace import api, attacks, example, formats  # noqa: E402
+from wmtrace.data import load_fashion_mnist  # noqa: E402
 
 
 def main() -> None:
@@ -63,25 +55,21 @@ def main() -> None:
             path = Path(tmp) / f"pruned-{amount}.safetensors"
             formats.save_safetensors(pruned, path)
             r = api.trace(path, reg)
-            named = {r.buyer["id"]} if r.buyer else {c["id"] for c in r.colluders}
-            pm = example.build()
-            pm.load_state_dict(pruned)
+            accused = named(r)
             sweep.append({
                 "pruned": amount,
                 "verdict": r.verdict,
-                "correct": named == {b.id},  # by decoding, or by score alone when too weak to decode
-                "named": sorted(named),
+                "correct": accused == {b.id},  # by decoding, or by score alone when too weak to decode
+                "named": sorted(accused),
                 "bit_errors": r.bit_errors,
                 "bits_missing": r.bits_missing,
-                "accuracy": fidelity.evaluate(pm, inputs, labels),
+                "accuracy": example_accuracy(pruned, inputs, labels),
             })
         highest = max((s["pruned"] for s in sweep if s["correct"]), default=None)
         wrong = [s for s in sweep if set(s["named"]) - {b.id}]
 
     result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **run_info(),
         "master_accuracy": m.accuracy,
         "timings": timings,
         "trace_over_load_ratio": ratio,
@@ -89,8 +77,7 @@ def main() -> None:
         "highest_pruning_naming_buyer": highest,
         "wrong_accusations": len(wrong),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(json.dumps({"trace_over_load_ratio": ratio, "highest_pruning": highest,
                       "accuracy_at": {s["pruned"]: round(s["accuracy"], 4) for s in sweep}}))
     assert np.isfinite(ratio)
