@@ -53,14 +53,16 @@ def _assert_same(got, expected: dict[str, np.ndarray]) -> None:
 @pytest.fixture
 def reads(monkeypatch) -> list[str]:
     """Names of tensors read from safetensors files, in order."""
+    from wmtrace.formats import safetensors as reader
+
     seen: list[str] = []
-    real = formats._read
+    real = reader._read
 
-    def counting(e):
+    def counting(e, f):
         seen.append(e.key)
-        return real(e)
+        return real(e, f)
 
-    monkeypatch.setattr(formats, "_read", counting)
+    monkeypatch.setattr(reader, "_read", counting)
     return seen
 
 
