@@ -112,4 +112,13 @@ def dequantized_shape(shape: tuple[int, ...], scale: tuple[int, ...], zero: tupl
     Stand-ins of the scale's shape are one byte an element and never written (calloc)."""
     s, z = _scale_like(shape, np.zeros(scale, np.bool_), None if zero is None else np.zeros(zero, np.bool_),
                        axis, block)
-    return tuple(np.broadcast_shapes(shape, z.shape, s.shape))
+    return _broadcast(_broadcast(tuple(shape), z.shape), s.shape)  # (q - z) * s
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of an elementwise operation on arrays of shapes `a` and `b`, refused in numpy's words."""
+    try:
+        return tuple(np.broadcast_shapes(a, b))
+    except ValueError:
+        shapes = " ".join(f"({','.join(map(str, x))}{',' if len(x) == 1 else ''})" for x in (a, b))
+        raise ValueError(f"operands could not be broadcast together with shapes {shapes} ") from None
