@@ -37,9 +37,10 @@ EPOCHS = [0.1, 0.25, 0.5, 1.0, 2.0]
 OVERWRITE_STEPS = [25, 50, 100, 300]
 SHIFTS = [0.1, 0.3, 1.0, 3.0]
 SHIFT_STEPS = 200
+DISTILL_EPOCHS = [1.0, 3.0]
 FAMILIES = ["prune-global", "prune-layer", "prune-random", "prune-filters", "prune-filters-all", "quantize",
             "onnx", "noise", "permute", "project", "project-filters", "finetune-0.05", "finetune-0.01", "transfer-0.05",
-            "transfer-0.01", "transfer-last-0.05", "overwrite", "shift"]
+            "transfer-0.01", "transfer-last-0.05", "overwrite", "shift", "distill"]
 
 
 class Bench:
@@ -177,6 +178,8 @@ def run(bench: Bench, family: str, quick: bool, tmp: Path) -> None:
     elif family == "shift":
         for a in ([0.3] if quick else SHIFTS):
             bench.record(family, a, attacks.shift(s, a, trainer, steps=SHIFT_STEPS), steps=SHIFT_STEPS)
+    elif family == "distill":
+        _distill(bench, [0.5, 1.0] if quick else DISTILL_EPOCHS, trainer)
     else:
         raise SystemExit(f"unknown family {family}")
 
@@ -206,6 +209,32 @@ def _transfer(bench: Bench, family: str, epochs: list[float], trainer: attacks.T
             model.train()
 
     attacks.transfer(bench.state, max(epochs), trainer, lr, tune, callback=snap)
+
+
+def _distill(bench: Bench, epochs: list[float], trainer: attacks.Trainer) -> None:
+    """`distill`: the copy distilled into a fresh model of its architecture on the attacker's own data,
+    Fashion-MNIST's training split without its labels (`attacks.distill` with its defaults: seed 0, lr
+    0.05, temperature 4); snapshots of one run at each epoch count. Besides the usual columns: the
+    student's top-1 agreement with the copy on the 10,000 test images, and the cosine between the
+    student's and the copy's carrier weights (the student starts from random weights, so the mark
+    can only come through the outputs)."""
+    copy_predictions = fidelity.predictions(example.build_like(bench.state), bench.inputs)
+    per = trainer.steps_per_epoch()
+    marks = {round(e * per): e for e in epochs}
+
+    def cosine(state: dict[str, torch.Tensor]) -> float:
+        pairs = [(state[c.name].flatten().double(), bench.state[c.name].flatten().double()) for c in bench.carriers]
+        return float(np.mean([float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs]))
+
+    def snap(step, model):
+        if step in marks:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            agree = fidelity.predictions(example.build_like(state), bench.inputs) == copy_predictions
+            bench.record("distill", marks[step], state, agreement=round(float(agree.float().mean()), 4),
+                         carrier_cosine=round(cosine(state), 4))
+            model.train()
+
+    attacks.distill(bench.state, max(epochs), trainer, callback=snap)
 
 
 def _onnx_accuracy(path: Path, bench: Bench) -> float:
@@ -279,12 +308,14 @@ def main() -> None:
     ap.add_argument("--overwrite-steps", help="e.g. 50,100,300")
     ap.add_argument("--shifts", help="weight-shifting strengths, e.g. 1,3")
     ap.add_argument("--shift-steps", type=int)
+    ap.add_argument("--distill-epochs", help="distillation snapshots, e.g. 1,3")
     args = ap.parse_args()
-    global EPOCHS, OVERWRITE_STEPS, SHIFTS, SHIFT_STEPS
+    global EPOCHS, OVERWRITE_STEPS, SHIFTS, SHIFT_STEPS, DISTILL_EPOCHS
     EPOCHS = [float(v) for v in args.epochs.split(",")] if args.epochs else EPOCHS
     OVERWRITE_STEPS = [int(v) for v in args.overwrite_steps.split(",")] if args.overwrite_steps else OVERWRITE_STEPS
     SHIFTS = [float(v) for v in args.shifts.split(",")] if args.shifts else SHIFTS
     SHIFT_STEPS = args.shift_steps or SHIFT_STEPS
+    DISTILL_EPOCHS = [float(v) for v in args.distill_epochs.split(",")] if args.distill_epochs else DISTILL_EPOCHS
     if args.from_json:
         rows = json.loads((args.out / "robustness.json").read_text())["rows"]
         plot(rows, args.out / "robustness.png")
