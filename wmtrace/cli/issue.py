@@ -13,6 +13,13 @@ from .. import api
 from .common import JsonOpt, MasterOpt, RegistryOpt, emit, err, fail, guarded, out, pct
 
 
+def _read_names(path: Path) -> list[str]:
+    try:
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"{path}: cannot read buyer names ({getattr(e, 'strerror', None) or e})")
+
+
 @guarded
 def issue(
     buyers: Annotated[int | None, typer.Option(help="Number of buyer copies to issue")] = None,
@@ -26,12 +33,7 @@ def issue(
     as_json: JsonOpt = False,
 ) -> None:
     """Turn the master into buyer copies, each carrying its buyer's ID, each verified by tracing it."""
-    name_list = None
-    if names is not None:
-        try:
-            name_list = [ln.strip() for ln in names.read_text().splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"{names}: cannot read buyer names ({getattr(e, 'strerror', None) or e})")
+    name_list = _read_names(names) if names is not None else None
     if buyers is None and name_list is None:
         fail("give --buyers N or --names FILE")
     api.check_issue(buyers, name_list, eval_samples)
@@ -73,6 +75,10 @@ def issue(
     if as_json:
         emit({"buyers": rows, "skipped": skipped})
         return
+    out.print(_table(rows))
+
+
+def _table(rows: list[dict]) -> Table:
     encoder = any(r["cosine"] is not None for r in rows)
     columns = ("cosine", "retrieval agreement") if encoder else ("agreement", "accuracy")
     table = Table("id", "name", *columns, "file", title=f"issued {len(rows)} buyer copies")
@@ -80,5 +86,4 @@ def issue(
         first = "-" if r["cosine"] is None else f"{r['cosine']:.5f}"
         values = (first, pct(r["agreement"])) if encoder else (pct(r["agreement"]), pct(r["accuracy"]))
         table.add_row(str(r["id"]), r["name"], *values, r["file"])
-    out.print(table)
-
+    return table

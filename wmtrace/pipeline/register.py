@@ -66,18 +66,13 @@ def init(
         raise BadInput(str(e)) from e
     source = formats.open_tensors(weights)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in source.items()}
-
-    model = modelio.import_object(factory)()
-    extras = modelio.load_into(model, state, f"{weights}: weights do not fit the model built by {factory}")
-    model.eval()
-    train, test = modelio.dataset(data, "train"), modelio.dataset(data, "test")
+    model, extras, train, test = _build(state, weights, factory, data)
     data_set = train if train is not None else test
     probe = modelio.tensors(data_set, COST_SAMPLES)[0] if data_set is not None else None  # a few real inputs
-    master = schemes.MasterModel(model, state, train, probe)
     options = {"carriers": carriers, "layers": layers, "strength": strength, "steps": steps,
                "placement": placement, "output": output, "loss": loss}
     scheme = schemes.get(whitebox.NAME)
-    scheme_config, stored = scheme.prepare(master, spec.bits, options)
+    scheme_config, stored = scheme.prepare(schemes.MasterModel(model, state, train, probe), spec.bits, options)
     accuracy = None
     if test is not None and output == "logits":
         inputs, labels = modelio.tensors(test, eval_samples)
@@ -92,6 +87,13 @@ def init(
         if any(m.name == name for m in reg.masters()):
             raise BadInput(f"master {name!r} is already registered")
         return _register(reg, name, registered, stored, factory, data, config, accuracy)
+
+
+def _build(state: dict[str, torch.Tensor], weights, factory: str, data: str | None):
+    """The model with the master's weights (and the tensors it lacks), and the user's data splits."""
+    model = modelio.import_object(factory)()
+    extras = modelio.load_into(model, state, f"{weights}: weights do not fit the model built by {factory}")
+    return model.eval(), extras, modelio.dataset(data, "train"), modelio.dataset(data, "test")
 
 
 def _register(reg: Registry, name: str, weights: dict[str, torch.Tensor], stored: dict[str, torch.Tensor],
