@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wmtrace import api, codes, example, fidelity, modelio
-from wmtrace.align import locate
+from wmtrace import api, example, fidelity, modelio
+from wmtrace.coding import codes
 from wmtrace.pipeline.trace import TraceResult
 from wmtrace.registry import Master, Registry
 from wmtrace.schemes.whitebox import Config
+from wmtrace.schemes.whitebox.align import locate
 from wmtrace.schemes.whitebox.extract import extract, master_arrays
 
 

@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import SoftBits, example_accuracy, named, timed, write_json  # noqa: E402
 
-from wmtrace import accuse, api, attacks, codes  # noqa: E402
+from wmtrace import api, attacks
+from wmtrace.coding import accuse, codes
 from wmtrace.data import load_fashion_mnist  # noqa: E402
 from wmtrace.pipeline.trace import trace_tensors  # noqa: E402
 

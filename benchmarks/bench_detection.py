@@ -43,12 +43,16 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_json  # noqa: E402
 
-from wmtrace import api, attacks, codes, embed, example, fidelity  # noqa: E402
-from wmtrace import carriers as carriers_mod  # noqa: E402
-from wmtrace.carriers import Carrier  # noqa: E402
+from wmtrace import api, attacks, example, fidelity
+from wmtrace.coding import codes
 from wmtrace.data import load_fashion_mnist  # noqa: E402
 from wmtrace.registry import Master  # noqa: E402
-from wmtrace.schemes.whitebox import Config  # noqa: E402
+from wmtrace.schemes.whitebox import (
+    Config,  # noqa: E402
+    embed,
+)
+from wmtrace.schemes.whitebox import carriers as carriers_mod
+from wmtrace.schemes.whitebox.carriers import Carrier
 
 State = dict[str, torch.Tensor]
 # (statistic, placement, strength) for --settings; the default is signed, activation-aware, 0.2.

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import SoftBits, example_accuracy, example_master, naive_buyer, named, run_info, write_json  # noqa: E402
 
-from wmtrace import accuse, api, attacks, codes, example  # noqa: E402
+from wmtrace import api, attacks, example
+from wmtrace.coding import accuse, codes
 from wmtrace.data import load_fashion_mnist  # noqa: E402
 from wmtrace.pipeline.trace import trace_tensors  # noqa: E402
 from wmtrace.registry import Buyer  # noqa: E402

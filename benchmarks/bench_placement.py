@@ -25,10 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_json  # noqa: E402
 
-from wmtrace import api, codes, embed, fidelity, modelio  # noqa: E402
-from wmtrace.carriers import embedding_map  # noqa: E402
+from wmtrace import api, fidelity, modelio
+from wmtrace.coding import codes
 from wmtrace.data import load_fashion_mnist  # noqa: E402
-from wmtrace.schemes.whitebox import Config  # noqa: E402
+from wmtrace.schemes.whitebox import (
+    Config,  # noqa: E402
+    embed,
+)
+from wmtrace.schemes.whitebox.carriers import embedding_map
 
 VARIANTS = [  # (placement, ridge, repair steps, strength), each with signed and plain-mean statistics
     ("minimal-norm", 0.0, 0, 0.2),

@@ -26,10 +26,11 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
-from wmtrace import align, api, attacks, example, fidelity, formats
-from wmtrace.carriers import Carrier
+from wmtrace import api, attacks, example, fidelity, formats
 from wmtrace.data import MEAN, STD, load_fashion_mnist
-from wmtrace.trace import extract, load_moments, master_arrays, trace_tensors
+from wmtrace.pipeline.trace import trace_tensors
+from wmtrace.schemes.whitebox import Config, align
+from wmtrace.schemes.whitebox.extract import extract, master_arrays
 
 # Sweeps of the training attacks (each point is a full training run except fine-tuning, whose points are
 # snapshots of one run); override with --epochs / --overwrite-steps / --shifts.
@@ -48,9 +49,10 @@ class Bench:
         self.reg, self.leaker, self.out = reg, leaker, out
         self.m = reg.master(leaker.master)
         self.arrays = master_arrays(self.m)
-        self.carriers = [Carrier.from_dict(d) for d in self.m.config["carriers"]]
+        self.config = Config.of(self.m)
+        self.carriers = list(self.config.carriers)
         self.key = reg.key(self.m.name)
-        self.metrics = load_moments(self.m)
+        self.metrics = reg.stored(self.m)
         self.truth = np.unpackbits(np.frombuffer(bytes.fromhex(leaker.codeword), np.uint8))
         self.inputs, self.labels = load_fashion_mnist("test")
         self.rows: list[dict] = []
@@ -63,7 +65,7 @@ class Bench:
         master, trimmed mean over filters (missing weights read as no change)."""
         found = align.locate(tensors, self.arrays, self.carriers)
         if how == "fit":
-            soft = extract(found, self.arrays, self.key, self.m.config, self.metrics)
+            soft = extract(found, self.arrays, self.key, self.config, self.m.config.code.bits, self.metrics)
         else:
             soft = np.full(len(self.truth), np.nan)
             for loc in found:

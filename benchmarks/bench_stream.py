@@ -73,11 +73,12 @@ def make(root: Path, args: argparse.Namespace) -> dict:
     """The master registered in root/registry and one buyer copy in root/leaked, issued as `api` would."""
     import numpy as np
 
-    from wmtrace import carriers as carriers_mod
-    from wmtrace import codes, embed, formats, keys
+    from wmtrace import formats
+    from wmtrace.coding import codes, keys
     from wmtrace.modelio import sha256_file
     from wmtrace.registry import Master, MasterConfig, Registry
-    from wmtrace.schemes.whitebox import NAME, Config
+    from wmtrace.schemes.whitebox import NAME, Config, embed
+    from wmtrace.schemes.whitebox import carriers as carriers_mod
 
     shapes = llama_shapes(args.layers, args.hidden, args.intermediate, args.kv, args.vocab)
     state = random_state(shapes, seed=0)

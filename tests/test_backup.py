@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from wmtrace import keys
+from wmtrace.coding import keys
 from wmtrace.registry import Registry
 from wmtrace.registry.backup import backup, restore
 

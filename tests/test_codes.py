@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from wmtrace import codes
+from wmtrace.coding import codes
 
 KEY = bytes(range(32))
 SPEC = codes.CodeSpec()

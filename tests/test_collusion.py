@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from wmtrace import accuse, api, attacks, codes, example, formats
+from wmtrace import api, attacks, example, formats
 from wmtrace.cli import app
+from wmtrace.coding import accuse, codes
 
 SPEC = codes.CodeSpec()
 KEY = bytes(range(32))

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from wmtrace import carriers as carriers_mod
-from wmtrace import codes, embed, example, keys, modelio
+from wmtrace import example, modelio
+from wmtrace.coding import codes, keys
 from wmtrace.data import load_fashion_mnist
+from wmtrace.schemes.whitebox import carriers as carriers_mod
+from wmtrace.schemes.whitebox import embed
 
 
 @pytest.mark.parametrize("padding,stride", [(1, 1), (0, 2), ("same", 1), ("valid", 1)])

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from wmtrace import carriers as carriers_mod
-from wmtrace.align import Located
+from wmtrace.schemes.whitebox import carriers as carriers_mod
+from wmtrace.schemes.whitebox.align import Located
 from wmtrace.schemes.whitebox.extract import soft_bits
 
 BITS, ROWS, DIM = 32, 48, 144

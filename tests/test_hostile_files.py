@@ -22,9 +22,10 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from wmtrace import align, example, formats
+from wmtrace import example, formats
 from wmtrace.cli import app
 from wmtrace.errors import BadInput
+from wmtrace.schemes.whitebox import align
 
 from .test_cli import snapshot
 

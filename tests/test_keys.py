@@ -4,7 +4,7 @@ import stat
 import numpy as np
 import pytest
 
-from wmtrace import keys
+from wmtrace.coding import keys
 from wmtrace.errors import BadInput
 
 

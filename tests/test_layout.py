@@ -7,9 +7,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "wmtrace"
 # A module may not import any module under these prefixes.
 FORBIDDEN = {
-    "wmtrace.codes": ("wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.registry"),
-    "wmtrace.keys": ("wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.registry"),
-    "wmtrace.accuse": ("wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.registry"),
+    "wmtrace.coding": ("wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.registry",
+                       "wmtrace.formats", "wmtrace.attacks", "wmtrace.modelio"),
     "wmtrace.registry": ("wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.attacks"),
     "wmtrace.formats": ("wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.registry"),
     "wmtrace.schemes": ("wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.attacks"),

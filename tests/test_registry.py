@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from wmtrace import keys
-from wmtrace.codes import CodeSpec
+from wmtrace.coding import keys
+from wmtrace.coding.codes import CodeSpec
 from wmtrace.errors import BadInput
 from wmtrace.registry import Master, MasterConfig, Registry
 

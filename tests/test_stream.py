@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from wmtrace import align, api, attacks, formats
-from wmtrace.carriers import Carrier
+from wmtrace import api, attacks, formats
 from wmtrace.errors import BadInput
 from wmtrace.registry import Master
-from wmtrace.schemes.whitebox import Config
+from wmtrace.schemes.whitebox import Config, align
+from wmtrace.schemes.whitebox.carriers import Carrier
 from wmtrace.schemes.whitebox.extract import master_arrays
 
 

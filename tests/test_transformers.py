@@ -16,9 +16,9 @@ from torch import nn
 pytest.importorskip("transformers")
 
 from tests import tiny_bert  # noqa: E402
-from wmtrace import api, attacks, batches, carriers, fidelity, formats, minilm  # noqa: E402
+from wmtrace import api, attacks, batches, fidelity, formats, minilm
 from wmtrace.errors import BadInput  # noqa: E402
-from wmtrace.schemes.whitebox import Config
+from wmtrace.schemes.whitebox import Config, carriers
 
 TINY = "tests.tiny_bert:build"
 TEXTS = "tests.tiny_bert:small_dataset"

@@ -18,11 +18,11 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from . import fidelity, formats, modelio
-from .embed import EmbedConfig
 from .pipeline.issue import Progress, check_buyer_name, check_issue, issue
 from .pipeline.register import EXAMPLE_DATA, EXAMPLE_FACTORY, EXAMPLE_MASTER, ensure_example, init
 from .pipeline.trace import DEFAULT_MAX_FALSE_POSITIVE, TraceResult, trace
 from .registry import Buyer, Registry
+from .schemes.whitebox.embed import EmbedConfig
 
 # The default mark strength, as `init` takes it (the white-box scheme's; see `embed.EmbedConfig`).
 DEFAULT_STRENGTH = EmbedConfig.strength

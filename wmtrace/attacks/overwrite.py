@@ -19,7 +19,7 @@ def overwrite(
     carrier layers wmtrace would choose, regularizer weight `lam` (0.01 as in the paper) on the raw
     filter mean, trained with the task loss. `strength` is the number of training steps.
     `report['attacker_ber']` receives the bit error rate of the attacker's own mark afterwards."""
-    from ..carriers import select
+    from ..schemes.whitebox.carriers import select
 
     if strength < 0:
         raise BadInput(f"overwrite: strength {strength} (steps) must be >= 0")

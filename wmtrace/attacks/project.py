@@ -30,8 +30,8 @@ def project(state: State, strength: float, trainer: Trainer, part: str = "mean",
     shift shared by all filters (Uchida et al.'s statistic), placed where the data barely looks (as
     activation-aware placement does, for fidelity), is removed by the first at almost no cost; the
     second removes whatever lies in those directions, at the cost of everything the master keeps there."""
-    from ..carriers import Carrier
-    from ..embed import input_moments
+    from ..schemes.whitebox.carriers import Carrier
+    from ..schemes.whitebox.embed import input_moments
 
     if not 0.0 <= strength <= 1.0:
         raise BadInput(f"project: strength {strength} must be a fraction in [0, 1]")

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import codes, failpoint, fidelity, formats, modelio, schemes
+from .. import failpoint, fidelity, formats, modelio, schemes
+from ..coding import codes
 from ..errors import BadArgument, BadInput, SelfCheckFailed
 from ..registry import Buyer, Master, Registry
 from .register import ensure_example

@@ -13,10 +13,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .. import codes, embed, failpoint, fidelity, formats, keys, modelio, schemes
+from .. import failpoint, fidelity, formats, modelio, schemes
+from ..coding import codes, keys
 from ..errors import BadArgument, BadInput
 from ..registry import Master, MasterConfig, Registry
 from ..schemes import whitebox
+from ..schemes.whitebox import embed
 
 EXAMPLE_MASTER = "fashion-cnn"
 EXAMPLE_FACTORY = "wmtrace.example:build"

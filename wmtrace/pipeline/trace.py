@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .. import accuse, codes, formats, schemes
+from .. import formats, schemes
+from ..coding import accuse, codes
 from ..errors import BadArgument
 from ..registry import Buyer, Master, Registry
 

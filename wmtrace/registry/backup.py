@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .. import keys
+from ..coding import keys
 from ..errors import BadInput, WmtraceError
 from .sqlite import Registry
 from .store import DB_NAME, KEYS, MASTERS, Layout

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..codes import CodeSpec
+from ..coding.codes import CodeSpec
 from ..errors import BadInput
 
 # Version 1 (0.1.0): one white-box scheme, its "carriers" and "embed" at the top level.

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from .. import keys
+from ..coding import keys
 from ..errors import BadInput
 from .records import Master
 

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ...align import TRIM, Located
-from ...carriers import Secret, embedding_map
 from ...errors import BadInput
 from ...registry import Master
+from .align import TRIM, Located
+from .carriers import Secret, embedding_map
 
 # Relative ridge of the fit: numerical only. A ridge that shrinks (0.01) biases every coefficient and,
 # through the Gram matrix, every bit: on a plain filter-mean carrier it flipped bits of an intact copy.

@@ -15,14 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import batches, embed, modelio
-from ... import carriers as carriers_mod
-from ...align import locate
-from ...carriers import Carrier
+from ... import batches, modelio
 from ...errors import BadArgument, BadInput, first_line
 from ...registry import Master
 from ..base import Located, MasterModel, StepProgress
+from . import carriers as carriers_mod
+from . import embed
 from . import extract as extract_mod
+from .align import locate
+from .carriers import Carrier
 
 NAME = "whitebox"
 PLACEMENTS = ("activation", "minimal-norm")

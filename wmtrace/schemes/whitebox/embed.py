@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import batches
+from ... import batches
 from . import carriers as carriers_mod
 from .carriers import Carrier, Secret
 
@@ -57,7 +57,7 @@ class EmbedConfig:
 def fidelity_loss(cfg: EmbedConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """How far a copy's outputs are from the master's, the quantity repair minimises."""
     if cfg.loss:
-        from .modelio import import_object
+        from ...modelio import import_object
 
         return import_object(cfg.loss)
     if cfg.output == "embedding":
@@ -164,7 +164,7 @@ def distortion(
     """Per candidate carrier, how far a mark there alone moves the model's outputs on `inputs` (the
     fidelity loss), for random bits under a throwaway key: ranks layers before the master's key
     exists. On all-MiniLM-L6-v2 the cost of the same mark differs thirtyfold between layers."""
-    from . import keys
+    from ...coding import keys
 
     distance = fidelity_loss(cfg)
     params = dict(model.named_parameters())

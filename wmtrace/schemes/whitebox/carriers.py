@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from . import keys
-from .errors import BadInput
+from ...coding import keys
+from ...errors import BadInput
 
 # A carrier needs several times more statistic dimensions than bits for a minimal-norm,
 # low-distortion solution; below this ratio the constraints nearly pin the statistic down.
@@ -114,7 +114,7 @@ def used_weights(model: torch.nn.Module, sample) -> list[str]:
     changing the model. Grouped and depthwise convolutions are left out: their filters see different
     input channels, so a mean over filters mixes unrelated weights.
     """
-    from . import batches
+    from ... import batches
 
     layers = {
         f"{n}.weight" if n else "weight": m
