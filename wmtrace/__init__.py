@@ -10,7 +10,7 @@ behind a leaked copy.
 The CLI (`wmtrace`) is a thin layer over these; ARCHITECTURE.md says where everything else lives.
 """
 
-from .api import attack, collude, ensure_example, init, issue, list_buyers, open_registry, trace
+from .api import attack, backup, collude, ensure_example, init, issue, list_buyers, open_registry, restore, trace
 from .errors import (
     BadArgument,
     BadInput,
@@ -26,6 +26,6 @@ from .registry import Buyer, Master, MasterConfig, Registry
 __version__ = "0.2.0"
 __all__ = [
     "BadArgument", "BadInput", "Buyer", "CorruptFile", "InternalError", "Master", "MasterConfig", "Registry",
-    "SelfCheckFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack", "collude",
-    "ensure_example", "init", "issue", "list_buyers", "open_registry", "trace",
+    "SelfCheckFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack", "backup", "collude",
+    "ensure_example", "init", "issue", "list_buyers", "open_registry", "restore", "trace",
 ]

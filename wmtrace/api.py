@@ -21,7 +21,8 @@ from . import fidelity, formats, modelio
 from .pipeline.issue import Progress, check_buyer_name, check_issue, issue
 from .pipeline.register import EXAMPLE_DATA, EXAMPLE_FACTORY, EXAMPLE_MASTER, ensure_example, init
 from .pipeline.trace import DEFAULT_MAX_FALSE_POSITIVE, TraceResult, trace
-from .registry import Buyer, Registry
+from .registry import Buyer, Registry, default_path
+from .registry import backup as registry_backup
 from .schemes.whitebox.embed import EmbedConfig
 
 # The default mark strength, as `init` takes it (the white-box scheme's; see `embed.EmbedConfig`).
@@ -31,8 +32,8 @@ import_object, sha256_file, build_model = modelio.import_object, modelio.sha256_
 
 __all__ = [
     "DEFAULT_MAX_FALSE_POSITIVE", "DEFAULT_STRENGTH", "EXAMPLE_DATA", "EXAMPLE_FACTORY", "EXAMPLE_MASTER", "Buyer",
-    "Progress", "Registry", "TraceResult", "attack", "check_buyer_name", "check_issue", "collude", "demo",
-    "ensure_example", "init", "issue", "list_buyers", "open_registry", "trace",
+    "Progress", "Registry", "TraceResult", "attack", "backup", "check_buyer_name", "check_issue", "collude", "demo",
+    "ensure_example", "init", "issue", "list_buyers", "open_registry", "restore", "trace",
 ]
 
 
@@ -56,6 +57,18 @@ def collude(files: list[str | os.PathLike], how: str, out: str | os.PathLike) ->
 
 def list_buyers(reg: Registry, master: str | None = None) -> list[Buyer]:
     return reg.buyers(master)
+
+
+def backup(reg: Registry, dest: str | os.PathLike) -> dict:
+    """Copy the registry (database, keys, masters) into the new folder `dest`, verified; see
+    `wmtrace.registry.backup`. The keys are the one thing that must never be lost."""
+    return registry_backup.backup(reg, dest)
+
+
+def restore(src: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
+    """Install a backup as the registry at `root` (default: $WMTRACE_REGISTRY or ./registry), which
+    must hold no registry: a key is never overwritten."""
+    return registry_backup.restore(src, root if root is not None else default_path())
 
 
 def demo(

@@ -71,16 +71,6 @@ def check(attack: Attack, params: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".wmtrace-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise BadInput(f"{folder}: output folder is not writable ({e.strerror})") from e
-
-
 def _load(path: str | os.PathLike) -> State:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in formats.load_tensors(path).items()}
 
@@ -115,7 +105,7 @@ def apply(
     values = check(attack, params)
     files = _sources(attack, source)
     out = Path(out)
-    _writable(out.parent)
+    formats.writable_folder(out.parent)
     states = [_load(f) for f in files]
     if attack.merges:
         info: dict = {"attack": name, "inputs": [str(f) for f in files], "output": str(out), "file": str(out)}

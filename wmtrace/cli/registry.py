@@ -25,10 +25,8 @@ def registry_backup(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy the database, keys and masters to DEST, verified (keys against their fingerprints)."""
-    from ..registry.backup import backup
-
     with api.open_registry(registry) as reg:
-        info = backup(reg, dest)
+        info = api.backup(reg, dest)
     if as_json:
         emit(info)
         return
@@ -46,10 +44,7 @@ def registry_restore(
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a backup as the registry (a new or empty folder: a key is never overwritten)."""
-    from ..registry import default_path
-    from ..registry.backup import restore
-
-    info = restore(src, registry if registry is not None else default_path())
+    info = api.restore(src, registry)
     if as_json:
         emit(info)
         return

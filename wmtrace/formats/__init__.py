@@ -27,13 +27,13 @@ from ..errors import BadInput, first_line
 from . import checkpoint, folder, onnx, safetensors, untrusted
 from .safetensors import _read as _read  # tests that count safetensors reads wrap it
 from .source import Reader, TensorSource
-from .write import export_onnx, save_safetensors, save_sharded
+from .write import export_onnx, save_safetensors, save_sharded, writable_folder
 
 # Tried in this order: by content first, then by name; in a folder, the first with files there wins.
 READERS: list[Reader] = [safetensors.READER, onnx.READER, checkpoint.READER]
 
 __all__ = ["READERS", "Reader", "TensorSource", "export_onnx", "load_tensors", "open_tensors", "save_safetensors",
-           "save_sharded"]
+           "save_sharded", "writable_folder"]
 
 
 def _reader(path: Path) -> Reader:

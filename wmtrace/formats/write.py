@@ -89,3 +89,15 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, sh
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def writable_folder(folder: str | os.PathLike) -> None:
+    """Make `folder` if needed and prove it writable before any work whose result would go there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".wmtrace-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise BadInput(f"{folder}: output folder is not writable ({e.strerror})") from e

@@ -57,16 +57,6 @@ def check_issue(buyers: int | None, names: list[str] | None, eval_samples: int |
     return wanted
 
 
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".wmtrace-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise BadInput(f"{out}: output folder is not writable ({e.strerror})") from e
-
-
 def issue(
     reg: Registry,
     buyers: int | None = None,
@@ -92,7 +82,7 @@ def issue(
         if not wanted:
             return []
     out = Path(out) if out is not None else Path.cwd() / "buyers" / m.name
-    check_writable(out)
+    formats.writable_folder(out)
     run = _Run(reg, m, eval_samples)
     reserved = reg.reserve(m.name, wanted)
     failpoint.reached("issue:reserved")
