@@ -93,12 +93,7 @@ class Registry(Files):
         elif not create:
             raise BadInput(f"no wmtrace registry at {self.root} (run 'wmtrace init' or 'wmtrace issue')")
         else:
-            orphans = self.layout.secrets_present()
-            if orphans:  # checked again at creation; said here so a command fails before any work
-                raise BadInput(
-                    f"{self.root} holds keys or masters ({orphans[0].name}) but no database: restore the registry "
-                    "from a backup rather than starting a new one over them"
-                )
+            self.layout.refuse_orphans()  # checked again at creation; here so a command fails before any work
 
     def _connect(self) -> None:
         db = self.layout.db

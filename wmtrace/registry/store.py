@@ -68,11 +68,19 @@ class Layout:
                 found += sorted(p for p in folder.iterdir() if not p.name.startswith("."))
         return found
 
-    def create(self, schema: str) -> None:
-        """Make the folders (0700) and publish a database holding `schema` (0600), unless one exists.
-
-        Refuses when keys or master copies are present without a database: that registry lost its
+    def refuse_orphans(self) -> None:
+        """Refuse to start a database next to keys or registered masters: that registry lost its
         database, and a new empty one would hide every issued copy (the road to deleting its keys)."""
+        found = self.secrets_present()
+        if found:
+            raise BadInput(
+                f"{self.root} holds keys or masters ({found[0].name}) but no database {DB_NAME}: restore the "
+                "registry from a backup rather than starting a new one over them"
+            )
+
+    def create(self, schema: str) -> None:
+        """Make the folders (0700) and publish a database holding `schema` (0600), unless one exists
+        (`refuse_orphans` first)."""
         try:
             for folder in (self.root, self.keys, self.masters):
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -80,12 +88,7 @@ class Layout:
             raise BadInput(f"{self.root}: cannot create registry ({e.strerror})") from e
         if self.db.exists():
             return
-        orphans = self.secrets_present()
-        if orphans:
-            raise BadInput(
-                f"{self.root} holds keys or masters ({orphans[0].name}) but no database {DB_NAME}: restore the "
-                "registry from a backup rather than starting a new one over them"
-            )
+        self.refuse_orphans()
         tmp = self.root / f".{DB_NAME}.{os.getpid()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
