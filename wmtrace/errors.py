@@ -6,6 +6,7 @@
         BadArgument     one argument out of range: names the parameter, which the CLI shows as its flag
         CorruptFile     a file that is damaged, truncated, or built to harm the reader
         UnknownMaster   no such master in the registry
+        TargetFailed    a queried model (endpoint or file run as a black box) failed or answered nonsense
       SelfCheckFailed   an issued copy did not trace back to its buyer: it is never written or shipped
       InternalError     a broken invariant: a bug, to be reported
 """
@@ -39,6 +40,11 @@ class CorruptFile(BadInput):
 
 class UnknownMaster(BadInput):
     """The registry holds no master of that name (or none at all)."""
+
+
+class TargetFailed(BadInput):
+    """A black-box target could not be queried (unreachable, timed out, refused) or answered something
+    that is not an answer (wrong shape, NaN, not JSON). Nothing is concluded from a failed session."""
 
 
 class SelfCheckFailed(WmtraceError):
