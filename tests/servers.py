@@ -127,9 +127,10 @@ def _serve_kserve(port: int, models: dict[str, list]) -> None:
 class Fault:
     """How the fault server misbehaves; its counters are read by the tests.
 
-    `fail` first requests answered 503; `sleep` seconds before each answer (a float, or a callable of
-    the request number); `lie`: "notjson", "count" (one answer short), "nan", "labels" (class 99),
-    "dimension" (embeddings grow by one after the first request), "shape" (a shape not matching data).
+    `fail` first requests answered 503; `sleep` seconds before each answer (a float, metadata too, or
+    a callable of the request number, inference only); `lie`: "notjson", "count" (one answer short),
+    "nan", "labels" (class 99), "dimension" (embeddings grow by one after the first request), "shape"
+    (a shape not matching the data).
     Classifier answers are scores whose argmax is each input's first value (mod 10), so the order of
     answers can be checked; embeddings are [len(text), 1, 0, ...]."""
 
@@ -182,6 +183,11 @@ def fault_server(fault: Fault) -> Iterator[str]:
             self.wfile.write(raw)
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._get()
+
+        def _get(self) -> None:
+            time.sleep(0.0 if callable(fault.sleep) else fault.sleep)  # a float sleep delays metadata too
             if self.path.startswith("/v1/models"):
                 return self._send(200, {"data": [{"id": "fake-encoder"}]})
             self._send(200, {"name": "m", "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 4]}]})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from . import attack, buyers, demo, init, issue, registry, trace
+from . import attack, buyers, demo, init, issue, query, registry, trace
 from .common import OneLineErrors
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
 app.command()(init.init)
 app.command()(issue.issue)
 app.command()(trace.trace)
+app.command()(query.query)
 app.command("buyers")(buyers.buyers)
 app.command()(demo.demo)
 app.add_typer(attack.app, name="attack")

@@ -45,7 +45,7 @@ class OipTarget(Closing):
                  classes: int | None, batch: int, transport: Transport) -> None:
         model, query = _split(url)
         self.transport, self.batch, self.classes = transport, batch, classes
-        self.name = transport.name.removesuffix("/infer")
+        self.name = transport.name = transport.name.removesuffix("/infer")  # the model, in every message
         self.infer_url = f"{model}/infer{query}"
         self.output_name = output_name
         self.queries = 0
