@@ -69,6 +69,7 @@ class Transport:
         if os.environ.get(TOKEN_ENV):
             headers["Authorization"] = f"Bearer {os.environ[TOKEN_ENV]}"
         self.client = httpx.Client(
+            # trust_env=False: no proxy or .netrc credentials picked up from the environment behind our back
             timeout=httpx.Timeout(timeout), headers=headers, follow_redirects=False, trust_env=False,
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
