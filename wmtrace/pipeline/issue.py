@@ -115,8 +115,11 @@ class _Run:
         master = schemes.MasterModel(model, dict(model.state_dict()), train, None)
         self.master = master
         stored = reg.stored(m)
-        self.markers = [schemes.get(name).issuer(master, m, cfg, self.key, stored)
-                        for name, cfg in m.config.schemes.items()]
+        # Schemes that edit a model's inside come before those that edit its output layer, which solve
+        # their edit on the features the earlier marks leave (`Scheme.stage`).
+        names = sorted(m.config.schemes, key=lambda n: schemes.get(n).stage)
+        self.markers = [schemes.get(name).issuer(master, m, m.config.schemes[name], self.key, stored)
+                        for name in names]
         self.dtypes = {k: getattr(torch, v) for k, v in m.config.dtypes.items()}
         limit = m.config.eval_samples if eval_samples is None else eval_samples
         test = modelio.dataset(m.data, "test") if limit != 0 else None

@@ -17,7 +17,7 @@ from .. import failpoint, fidelity, formats, modelio, schemes
 from ..coding import codes, keys
 from ..errors import BadArgument, BadInput
 from ..registry import Master, MasterConfig, Registry
-from ..schemes import whitebox
+from ..schemes import blackbox, whitebox
 from ..schemes.whitebox import embed
 
 EXAMPLE_MASTER = "fashion-cnn"
@@ -47,6 +47,9 @@ def init(
     placement: str = embed.EmbedConfig.placement,
     output: str = embed.EmbedConfig.output,
     loss: str | None = None,
+    scheme_names: list[str] | None = None,
+    bb_margin: float | None = None,
+    bb_tilt: float | None = None,
 ) -> Master:
     """Register a master: copy its weights into the registry, prepare its scheme, create its key.
 
@@ -54,6 +57,9 @@ def init(
     checkpoint; tensors the model lacks (extra heads, adapters) are kept and copied to buyers
     unmarked. `output` says what the model returns ("logits" or "embedding"), which decides how
     fidelity is measured and repaired; `loss` (module:function(output, master_output)) overrides it.
+    `scheme_names` names the schemes to register (default: white-box, and black-box where the model is a
+    classifier ending in a linear layer, with tensor inputs and training data); `bb_margin` and
+    `bb_tilt` set the black-box mark's strengths (`schemes.blackbox.Config`).
     """
     check_name(name)
     if any(m.name == name for m in reg.masters()):
@@ -72,9 +78,9 @@ def init(
     data_set = train if train is not None else test
     probe = modelio.tensors(data_set, COST_SAMPLES)[0] if data_set is not None else None  # a few real inputs
     options = {"carriers": carriers, "layers": layers, "strength": strength, "steps": steps,
-               "placement": placement, "output": output, "loss": loss}
-    scheme = schemes.get(whitebox.NAME)
-    scheme_config, stored = scheme.prepare(schemes.MasterModel(model, state, train, probe), spec.bits, options)
+               "placement": placement, "output": output, "loss": loss, "margin": bb_margin, "tilt": bb_tilt}
+    master = schemes.MasterModel(model, state, train, probe)
+    prepared, stored = _prepare(master, spec.bits, options, scheme_names)
     accuracy = None
     if test is not None and output == "logits":
         inputs, labels = modelio.tensors(test, eval_samples)
@@ -82,13 +88,42 @@ def init(
             accuracy = fidelity.evaluate(model, inputs, labels)
     # Copies are written in the dtypes and shard count the master came in (fp16/bf16 stay half size;
     # a sharded Hugging Face folder gives sharded folders).
-    config = MasterConfig(spec, {scheme.name: scheme_config}, eval_samples, source.dtypes, max(1, len(source.files)),
+    config = MasterConfig(spec, prepared, eval_samples, source.dtypes, max(1, len(source.files)),
                           output)
     registered = {k: state[k] for k in extras} | {k: v.contiguous() for k, v in model.state_dict().items()}
     with reg.lock():  # one registration at a time: the name is checked and taken under the lock
         if any(m.name == name for m in reg.masters()):
             raise BadInput(f"master {name!r} is already registered")
         return _register(reg, name, registered, stored, factory, data, config, accuracy)
+
+
+def _prepare(master: schemes.MasterModel, bits: int, options: dict,
+             names: list[str] | None) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Each scheme's configuration and stored tensors. Asked for by name, a scheme that cannot mark
+    this model is an error; by default the black-box scheme is left out where it cannot (an encoder,
+    a model not ending in a linear layer, no training data), and the white-box one always runs."""
+    explicit = names is not None
+    names = list(dict.fromkeys(names)) if explicit else [whitebox.NAME, blackbox.NAME]
+    if not names:
+        raise BadArgument("schemes", "must name at least one scheme")
+    for n in names:
+        schemes.get(n)
+    prepared: dict[str, dict] = {}
+    stored: dict[str, torch.Tensor] = {}
+    for n in names:
+        if n == blackbox.NAME and options["output"] != "logits":
+            if explicit:
+                raise BadInput("the black-box scheme marks classifiers (--output logits) only")
+            continue
+        try:
+            config, tensors = schemes.get(n).prepare(master, bits, options)
+        except BadInput:
+            if explicit or n != blackbox.NAME:
+                raise
+            continue
+        prepared[n] = config
+        stored.update(tensors)
+    return prepared, stored
 
 
 def _build(state: dict[str, torch.Tensor], weights, factory: str, data: str | None):

@@ -39,6 +39,7 @@ class TraceResult:
     colluders: list[dict] = field(default_factory=list)
     carriers: list[dict] = field(default_factory=list)
     reason: str = ""
+    queries: int | None = None  # answers read (`query` only)
 
     @property
     def exit_code(self) -> int:

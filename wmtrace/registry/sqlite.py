@@ -330,6 +330,15 @@ class Registry(Files):
         with self.transaction() as c:
             self.audit(c, "trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
 
+    def log_query(self, target: str, reveal: str, queries: int, verdict: str, master: str | None,
+                  buyer: int | None, colluders: list[int] | None = None) -> None:
+        """One audit entry per query session: the target (a URL without credentials, or a path), what
+        it revealed, how many queries were answered, and the verdict."""
+        extra = {"colluders": colluders} if colluders else {}
+        with self.transaction() as c:
+            self.audit(c, "query", master, target=target, reveal=reveal, queries=queries, verdict=verdict,
+                       buyer=buyer, **extra)
+
     def audit_log(self, limit: int = 100) -> list[dict]:
         rows = self._rows("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
         return [

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from ..errors import BadInput
 from .base import Issuer, Located, MasterModel, Scheme
+from .blackbox import BlackBox
 from .whitebox import WhiteBox
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (WhiteBox(),)}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (WhiteBox(), BlackBox())}
 
 
 def get(name: str) -> Scheme:

@@ -59,6 +59,7 @@ class Issuer(Protocol):
 
 class Scheme(Protocol):
     name: str
+    stage: int  # marking order within a copy: lower first (weights inside, then the output layer)
 
     def prepare(self, master: MasterModel, bits: int, options: dict) -> tuple[dict, dict[str, torch.Tensor]]: ...
 

@@ -75,6 +75,7 @@ def check_options(strength: float, steps: int, placement: str, output: str, loss
 
 class WhiteBox:
     name = NAME
+    stage = 0
 
     def prepare(self, master: MasterModel, bits: int, options: dict) -> tuple[dict, dict[str, torch.Tensor]]:
         """Choose the carriers (where a mark costs least on `master.probe`) and fix the placement metric.

@@ -1,0 +1,118 @@
+"""`query`: name the buyer behind a model from its answers alone. plan -> query -> read -> decode -> accuse.
+
+For each master registered with the black-box scheme, the scheme plans its queries (boundary queries
+first, then natural ones); they are sent in rounds and a verdict is tried after each round ("looks"
+at 64, 128, 256, ... answers), stopping at the first that names someone. Every look is one more
+chance of a false accusation, so the bound is split evenly over the looks planned (and over the
+masters tried) before the first query is sent: the bound reported holds for the whole session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .. import modelio, schemes
+from ..errors import BadArgument
+from ..registry import Master, Registry
+from ..schemes import blackbox
+from ..targets import Answers, Target
+from .trace import COLLUDERS, DEFAULT_MAX_FALSE_POSITIVE, IDENTIFIED, NO_WATERMARK, UNKNOWN_MASTER, TraceResult
+from .trace import _verdict as verdict
+
+FIRST_LOOK = 64
+# (answers received, answers planned) -> None
+QueryProgress = Callable[[int, int], None]
+
+
+def looks(planned: int, boundary: int, reveal: str, budget: int | None) -> list[int]:
+    """The answer counts after which a verdict is tried: 64, 128, 256, ... up to what the budget and
+    the reveal allow (labels and top-k read boundary queries only; full scores read natural ones too)."""
+    limit = planned if reveal == "scores" else min(planned, boundary)
+    if budget is not None:
+        limit = min(limit, budget)
+    points, n = [], FIRST_LOOK
+    while n < limit:
+        points.append(n)
+        n *= 2
+    return points + [limit] if limit > 0 else []
+
+
+def query(
+    target: Target,
+    reg: Registry,
+    master: str | None = None,
+    max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE,
+    budget: int | None = None,
+    progress: QueryProgress | None = None,
+) -> TraceResult:
+    """Query `target` (`wmtrace.targets.open_target`) with each black-box master's plan; the same
+    verdicts, bounds and exit codes as `trace`. `budget` caps the queries sent per master."""
+    if not 0.0 < max_false_positive < 1.0:
+        raise BadArgument("max_false_positive", f"{max_false_positive}: use a probability between 0 and 1")
+    if budget is not None and budget < 1:
+        raise BadArgument("budget", "must be at least 1")
+    masters = [reg.master(master)] if master else reg.masters()
+    masters = [m for m in masters if blackbox.NAME in m.config.schemes]
+    if not masters:
+        result = TraceResult(UNKNOWN_MASTER, target.name, reason="no registered master carries a black-box mark")
+    else:
+        share = max_false_positive / len(masters)
+        result = None
+        for m in masters:
+            r = _query_master(target, reg, m, share, budget, progress)
+            if r.verdict in (IDENTIFIED, COLLUDERS):
+                r.false_positive_probability = min(1.0, r.false_positive_probability * len(masters))
+                for c in r.colluders:
+                    c["false_accusation_bound"] = min(1.0, c["false_accusation_bound"] * len(masters))
+                result = r
+                break
+            result = result or r
+    buyer = result.buyer["id"] if result.buyer else None
+    reg.log_query(target.name, target.reveal, target.queries, result.verdict, result.master, buyer,
+                  [c["id"] for c in result.colluders])
+    return result
+
+
+def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budget: int | None,
+                  progress: QueryProgress | None) -> TraceResult:
+    key = reg.key(m.name)
+    model, _ = modelio.build(m)
+    scheme = schemes.get(blackbox.NAME)
+    plan = scheme.plan(model, m.config.schemes[blackbox.NAME], key, reg.stored(m))
+    points = looks(len(plan.inputs), plan.reference.boundary, target.reveal, budget)
+    share = max_fp / max(1, len(points))
+    spec = m.config.code
+    issued = {b.id: b for b in reg.buyers(m.name)}
+    parts: list[Answers] = []
+    sent = 0
+    result = TraceResult(NO_WATERMARK, target.name, master=m.name, bits=spec.bits, bits_missing=spec.bits)
+    for n in points:
+        parts.append(target.answer(plan.inputs[sent:n]))
+        sent = n
+        if progress is not None:
+            progress(sent, points[-1])
+        soft = plan.read(_concat(parts), target.reveal)
+        result = TraceResult(NO_WATERMARK, target.name, master=m.name, bits=spec.bits,
+                             bits_missing=int(np.count_nonzero(np.isnan(soft))))
+        known = ~np.isnan(soft)
+        if known.any() and float(np.nanmax(np.abs(soft))) < 1e-6:
+            result.reason = "the answers equal the master's: this is the unmarked master"
+            break
+        verdict(result, soft, key, m.name, spec, issued, share)
+        if result.verdict in (IDENTIFIED, COLLUDERS):
+            result.false_positive_probability = min(1.0, result.false_positive_probability * len(points))
+            for c in result.colluders:
+                c["false_accusation_bound"] = min(1.0, c["false_accusation_bound"] * len(points))
+            break
+    result.queries = sent
+    return result
+
+
+def _concat(parts: list[Answers]) -> Answers:
+    def cat(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+    return Answers(labels=cat("labels"), logp=cat("logp"), embeddings=cat("embeddings"))
