@@ -16,12 +16,12 @@ from pathlib import Path
 from ..errors import BadArgument
 from .base import REVEALS, Answers, Queries, Target
 from .http import Transport
-from .local import OnnxTarget, TorchTarget, open_local
+from .local import ModuleTarget, OnnxTarget, TorchTarget, open_local
 from .oip import OipTarget
 from .openai import EmbeddingsTarget
 
-__all__ = ["REVEALS", "Answers", "EmbeddingsTarget", "OipTarget", "OnnxTarget", "Queries", "Target", "TorchTarget",
-           "open_target"]
+__all__ = ["REVEALS", "Answers", "EmbeddingsTarget", "ModuleTarget", "OipTarget", "OnnxTarget", "Queries", "Target",
+           "TorchTarget", "open_target"]
 
 
 def _check(reveal: str | None, k: int, decimals: int | None, timeout: float, retries: int, concurrency: int,

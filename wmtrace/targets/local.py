@@ -99,6 +99,23 @@ class TorchTarget(_Local):
         return out.float().numpy()
 
 
+class ModuleTarget(_Local):
+    """A model already in memory, run as a black box: how `issue` checks that a copy names its buyer
+    from its answers alone, and how benchmarks query surrogates they have just trained."""
+
+    def __init__(self, model: torch.nn.Module, name: str, *, reveal: str | None = None, k: int = 5,
+                 decimals: int | None = None, batch: int = 512) -> None:
+        super().__init__(Path(name), reveal, k, decimals, batch)
+        self.name = name
+        self.model = model.eval()
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    @torch.no_grad()
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
+        return out.float().cpu().numpy()
+
+
 def _named(items: list, wanted: str | None, param: str, path: Path):
     if wanted is None:
         return items[0]
