@@ -6,17 +6,32 @@ behind a leaked copy.
     wmtrace.init(reg, "my-model", "master.safetensors", "mypkg.models:build", data="mypkg.data:dataset")
     copies = wmtrace.issue(reg, buyers=10, out="copies/")
     result = wmtrace.trace("leaked.onnx", reg)   # a TraceResult: verdict, buyer, bound
+    result = wmtrace.query(wmtrace.open_target("http://host:8080/v2/models/cnn", reveal="top1"), reg)
 
 The CLI (`wmtrace`) is a thin layer over these; ARCHITECTURE.md says where everything else lives.
 """
 
-from .api import attack, backup, collude, ensure_example, init, issue, list_buyers, open_registry, restore, trace
+from .api import (
+    attack,
+    backup,
+    collude,
+    ensure_example,
+    init,
+    issue,
+    list_buyers,
+    open_registry,
+    open_target,
+    query,
+    restore,
+    trace,
+)
 from .errors import (
     BadArgument,
     BadInput,
     CorruptFile,
     InternalError,
     SelfCheckFailed,
+    TargetFailed,
     UnknownMaster,
     WmtraceError,
 )
@@ -26,6 +41,7 @@ from .registry import Buyer, Master, MasterConfig, Registry
 __version__ = "0.2.0"
 __all__ = [
     "BadArgument", "BadInput", "Buyer", "CorruptFile", "InternalError", "Master", "MasterConfig", "Registry",
-    "SelfCheckFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack", "backup", "collude",
-    "ensure_example", "init", "issue", "list_buyers", "open_registry", "restore", "trace",
+    "SelfCheckFailed", "TargetFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack",
+    "backup", "collude", "ensure_example", "init", "issue", "list_buyers", "open_registry", "open_target", "query",
+    "restore", "trace",
 ]

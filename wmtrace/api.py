@@ -5,6 +5,7 @@
     api.init(reg, "my-model", "master.safetensors", "mypkg.models:build", data="mypkg.data:dataset")
     buyers = api.issue(reg, buyers=10, out="copies/")
     result = api.trace("leaked.onnx", reg)
+    result = api.query(api.open_target("http://host:8080/v2/models/cnn", reveal="top1"), reg)
 
 A facade: the work is done in `wmtrace.pipeline` (register, issue, trace) over the schemes.
 """
@@ -19,11 +20,13 @@ from safetensors.torch import load_file
 
 from . import fidelity, formats, modelio
 from .pipeline.issue import Progress, check_buyer_name, check_issue, issue
+from .pipeline.query import query
 from .pipeline.register import EXAMPLE_DATA, EXAMPLE_FACTORY, EXAMPLE_MASTER, ensure_example, init
 from .pipeline.trace import DEFAULT_MAX_FALSE_POSITIVE, TraceResult, trace
 from .registry import Buyer, Registry, default_path
 from .registry import backup as registry_backup
 from .schemes.whitebox.embed import EmbedConfig
+from .targets import open_target
 
 # The default mark strength, as `init` takes it (the white-box scheme's; see `embed.EmbedConfig`).
 DEFAULT_STRENGTH = EmbedConfig.strength
@@ -33,7 +36,7 @@ import_object, sha256_file, build_model = modelio.import_object, modelio.sha256_
 __all__ = [
     "DEFAULT_MAX_FALSE_POSITIVE", "DEFAULT_STRENGTH", "EXAMPLE_DATA", "EXAMPLE_FACTORY", "EXAMPLE_MASTER", "Buyer",
     "Progress", "Registry", "TraceResult", "attack", "backup", "check_buyer_name", "check_issue", "collude", "demo",
-    "ensure_example", "init", "issue", "list_buyers", "open_registry", "restore", "trace",
+    "ensure_example", "init", "issue", "list_buyers", "open_registry", "open_target", "query", "restore", "trace",
 ]
 
 

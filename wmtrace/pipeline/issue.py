@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import failpoint, fidelity, formats, modelio, schemes
+from .. import failpoint, fidelity, formats, modelio, schemes, targets
 from ..coding import codes
 from ..errors import BadArgument, BadInput, SelfCheckFailed
 from ..registry import Buyer, Master, Registry
+from .query import query_target
 from .register import ensure_example
 from .trace import trace_tensors
 
@@ -139,7 +140,7 @@ class _Run:
         # Margin, self-check and fidelity of the copy as written (after any rounding to fp16/bf16).
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in final.items()}, strict=False)
         b.margin = min(marker.margin(model, bits) for marker in self.markers)
-        _verify(self.reg, m, b, final)
+        _verify(self.reg, m, b, final, model)
         if self.held_out is not None:
             _measure(b, fidelity.outputs(model, self.held_out[0]), self.master_out, self.held_out[1], m.config.output)
         if m.config.shards > 1:
@@ -163,9 +164,18 @@ def _measure(b: Buyer, ours: torch.Tensor, master: torch.Tensor, labels: torch.T
     b.accuracy = float((predicted == labels).float().mean()) if labels is not None else None
 
 
-def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor]) -> None:
-    """Trace the copy before it leaves: a copy that would not name its buyer is never issued."""
-    arrays = {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
-    result = trace_tensors(arrays, reg, master=m.name, pending=[b])
+def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Trace the copy before it leaves: a copy that would not name its buyer is never issued. With
+    the black-box scheme it must also name its buyer from its top-1 labels alone (the least a
+    server reveals), read as `query` reads an endpoint."""
+    if "whitebox" in m.config.schemes:
+        arrays = {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
+        _check(b, trace_tensors(arrays, reg, master=m.name, pending=[b]), "embedded")
+    if "blackbox" in m.config.schemes:
+        target = targets.ModuleTarget(model, f"copy of {b.name}", reveal="top1")
+        _check(b, query_target(target, reg, m.name, pending=[b]), "black-box")
+
+
+def _check(b: Buyer, result, what: str) -> None:
     if result.verdict != "identified" or result.buyer is None or result.buyer["id"] != b.id:
-        raise SelfCheckFailed(f"buyer {b.name!r}: the embedded mark did not verify ({result.reason or result.verdict})")
+        raise SelfCheckFailed(f"buyer {b.name!r}: the {what} mark did not verify ({result.reason or result.verdict})")

@@ -9,13 +9,13 @@ masters tried) before the first query is sent: the bound reported holds for the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .. import modelio, schemes
 from ..errors import BadArgument
-from ..registry import Master, Registry
+from ..registry import Buyer, Master, Registry
 from ..schemes import blackbox
 from ..targets import Answers, Target
 from .trace import COLLUDERS, DEFAULT_MAX_FALSE_POSITIVE, IDENTIFIED, NO_WATERMARK, UNKNOWN_MASTER, TraceResult
@@ -48,7 +48,25 @@ def query(
     progress: QueryProgress | None = None,
 ) -> TraceResult:
     """Query `target` (`wmtrace.targets.open_target`) with each black-box master's plan; the same
-    verdicts, bounds and exit codes as `trace`. `budget` caps the queries sent per master."""
+    verdicts, bounds and exit codes as `trace`. `budget` caps the queries sent per master. One audit
+    entry records the session."""
+    result = query_target(target, reg, master, max_false_positive, budget, progress)
+    buyer = result.buyer["id"] if result.buyer else None
+    reg.log_query(target.name, target.reveal, target.queries, result.verdict, result.master, buyer,
+                  [c["id"] for c in result.colluders])
+    return result
+
+
+def query_target(
+    target: Target,
+    reg: Registry,
+    master: str | None = None,
+    max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE,
+    budget: int | None = None,
+    progress: QueryProgress | None = None,
+    pending: Sequence[Buyer] = (),
+) -> TraceResult:
+    """`query` without the audit entry; `pending` buyers count as issued (for self-checks)."""
     if not 0.0 < max_false_positive < 1.0:
         raise BadArgument("max_false_positive", f"{max_false_positive}: use a probability between 0 and 1")
     if budget is not None and budget < 1:
@@ -61,7 +79,7 @@ def query(
         share = max_false_positive / len(masters)
         result = None
         for m in masters:
-            r = _query_master(target, reg, m, share, budget, progress)
+            r = _query_master(target, reg, m, share, budget, progress, pending)
             if r.verdict in (IDENTIFIED, COLLUDERS):
                 r.false_positive_probability = min(1.0, r.false_positive_probability * len(masters))
                 for c in r.colluders:
@@ -69,14 +87,11 @@ def query(
                 result = r
                 break
             result = result or r
-    buyer = result.buyer["id"] if result.buyer else None
-    reg.log_query(target.name, target.reveal, target.queries, result.verdict, result.master, buyer,
-                  [c["id"] for c in result.colluders])
     return result
 
 
 def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budget: int | None,
-                  progress: QueryProgress | None) -> TraceResult:
+                  progress: QueryProgress | None, pending: Sequence[Buyer]) -> TraceResult:
     key = reg.key(m.name)
     model, _ = modelio.build(m)
     scheme = schemes.get(blackbox.NAME)
@@ -84,7 +99,7 @@ def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budge
     points = looks(len(plan.inputs), plan.reference.boundary, target.reveal, budget)
     share = max_fp / max(1, len(points))
     spec = m.config.code
-    issued = {b.id: b for b in reg.buyers(m.name)}
+    issued = {b.id: b for b in [*reg.buyers(m.name), *pending] if b.master == m.name}
     parts: list[Answers] = []
     sent = 0
     result = TraceResult(NO_WATERMARK, target.name, master=m.name, bits=spec.bits, bits_missing=spec.bits)
