@@ -14,7 +14,7 @@ from ..schemes.whitebox import Config
 from .common import JsonOpt, RegistryOpt, emit, err, fail, guarded, out
 
 
-# Over 60 lines only because each of init's thirteen options is declared in its signature (Typer's way).
+# Over 60 lines only because each of init's sixteen options is declared in its signature (Typer's way).
 @guarded
 def init(
     name: Annotated[str, typer.Option(help="Name of the master in the registry")] = api.EXAMPLE_MASTER,
@@ -45,6 +45,15 @@ def init(
     strength: Annotated[
         float, typer.Option(help="Mark strength: RMS change of a carrier's filters over its weights' RMS")
     ] = api.DEFAULT_STRENGTH,
+    schemes: Annotated[
+        str | None, typer.Option(help="Comma-separated: whitebox, blackbox [default: both where the model allows]")
+    ] = None,
+    bb_margin: Annotated[
+        float | None, typer.Option(help="Black-box: logit margin of each answer at a boundary query [default: 1.0]")
+    ] = None,
+    bb_tilt: Annotated[
+        float | None, typer.Option(help="Black-box: logit tilt per bit on ordinary inputs [default: 0.02]")
+    ] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -59,13 +68,19 @@ def init(
         fail("--weights is required for a master other than the bundled example")
     else:
         m = api.init(reg, name, weights, model, data, carriers or None, bits, layers=layers, strength=strength,
-                     steps=repair_steps, placement=placement, output=output, loss=loss)
+                     steps=repair_steps, placement=placement, output=output, loss=loss,
+                     scheme_names=[n.strip() for n in schemes.split(",") if n.strip()] if schemes is not None else None,
+                     bb_margin=bb_margin, bb_tilt=bb_tilt)
     info = {
         "master": m.name,
         "factory": m.factory,
         "data": m.data,
         "accuracy": m.accuracy,
-        "carriers": [{"name": c.name, "shape": list(c.shape), "bits": c.bits} for c in Config.of(m).carriers],
+        "schemes": sorted(m.config.schemes),
+        "carriers": [{"name": c.name, "shape": list(c.shape), "bits": c.bits} for c in Config.of(m).carriers]
+        if "whitebox" in m.config.schemes else [],
+        "blackbox": ({k: m.config.schemes["blackbox"][k] for k in ("head", "margin", "tilt")}
+                     | {"queries": m.config.code.bits} if "blackbox" in m.config.schemes else None),
         "code": {"symbols": m.config.code.symbols, "name": m.config.code.name},
         "key_fingerprint": m.key_fingerprint,
         "registry": str(reg.root),
@@ -76,6 +91,10 @@ def init(
     out.print(Text.assemble("registered master ", (m.name, "bold"), f" in {reg.root} (key {m.key_fingerprint})"))
     for c in info["carriers"]:
         out.print(f"  carrier {c['name']} {tuple(c['shape'])}: {c['bits']} bits")
+    if info["blackbox"]:
+        bb = info["blackbox"]
+        out.print(f"  black-box: {bb['queries']} boundary queries, head {bb['head']}, margin {bb['margin']:g}, "
+                  f"tilt {bb['tilt']:g}")
     if m.accuracy is not None:
         out.print(f"  test accuracy {m.accuracy:.2%}")
 

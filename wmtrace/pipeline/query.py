@@ -103,6 +103,7 @@ def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budge
     parts: list[Answers] = []
     sent = 0
     result = TraceResult(NO_WATERMARK, target.name, master=m.name, bits=spec.bits, bits_missing=spec.bits)
+    accused: TraceResult | None = None  # the latest look that accused by score: kept if none decodes later
     for n in points:
         parts.append(target.answer(plan.inputs[sent:n]))
         sent = n
@@ -120,9 +121,24 @@ def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budge
             result.false_positive_probability = min(1.0, result.false_positive_probability * len(points))
             for c in result.colluders:
                 c["false_accusation_bound"] = min(1.0, c["false_accusation_bound"] * len(points))
+        if result.verdict == IDENTIFIED:
             break
+        if result.verdict == COLLUDERS:  # more answers may decode, or show more colluders
+            accused = result
+    result = accused if result.verdict != IDENTIFIED and accused is not None else result
     result.queries = sent
-    return result
+    return _named_by_score(result)
+
+
+def _named_by_score(r: TraceResult) -> TraceResult:
+    """One buyer accused by score and none other: that buyer is named, with the score's bound. (Decoding
+    needs every symbol it cannot erase right; a session that reads few bits can still name by score.)"""
+    if r.verdict == COLLUDERS and len(r.colluders) == 1:
+        c = r.colluders[0]
+        r.verdict, r.buyer, r.colluders = IDENTIFIED, {"id": c["id"], "name": c["name"]}, []
+        r.false_positive_probability = c["false_accusation_bound"]
+        r.reason = f"named by score ({c['score']:.2f}); the answers read did not decode"
+    return r
 
 
 def _concat(parts: list[Answers]) -> Answers:
