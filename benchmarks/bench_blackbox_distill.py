@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from _common import run_info, write_json
 from torch import nn
 
-from wmtrace import api, example
+from wmtrace import api, example, modelio, schemes
+from wmtrace.coding import accuse, codes
 from wmtrace.data import load_fashion_mnist
 from wmtrace.pipeline.query import query_target
+from wmtrace.schemes.blackbox import read
 from wmtrace.targets import ModuleTarget
 
 
@@ -92,13 +94,15 @@ def one_tilt(reg, trained: Path, tilt: float, args, data) -> list[dict]:
     teacher.load_state_dict(_load(b.file), strict=False)
     teacher = teacher.to(x.device).eval()
     rows = []
-    plan = [(arch, False, r) for arch in args.archs for r in range(args.runs)]
-    plan += [(arch, True, r) for arch in args.archs for r in range(args.hard_runs)]
-    for arch, hard, run in plan:
+    plan = make_plan(reg, m)
+    todo = [(arch, False, r) for arch in args.archs for r in range(args.runs)]
+    todo += [(arch, True, r) for arch in args.archs for r in range(args.hard_runs)]
+    for arch, hard, run in todo:
         t0 = time.perf_counter()
         student = distill(teacher, arch, run, x, args.epochs, hard, args.batch, args.lr)
         seconds = time.perf_counter() - t0
         r = query_target(ModuleTarget(student, f"{arch}-{run}", reveal="scores"), reg, m.name)
+        z = reading_scores(reg, m, b, student, plan)
         rows.append({"tilt": tilt, "arch": arch, "answers": "hard" if hard else "soft", "run": run,
                      "copy_agreement": b.agreement, "copy_accuracy": b.accuracy,
                      "student_agreement": agreement(student, teacher, xt),
@@ -106,9 +110,30 @@ def one_tilt(reg, trained: Path, tilt: float, args, data) -> list[dict]:
                      "verdict": r.verdict, "named": bool(r.buyer and r.buyer["id"] == b.id),
                      "innocent_named": bool((r.buyer and r.buyer["id"] != b.id)
                                             or any(c["id"] != b.id for c in r.colluders)),
-                     "queries": r.queries, "bound": r.false_positive_probability, "train_seconds": round(seconds, 1)})
+                     "queries": r.queries, "bound": r.false_positive_probability, "train_seconds": round(seconds, 1),
+                     **z})
         print(rows[-1], flush=True)
     return rows
+
+
+def make_plan(reg, m):
+    model, _ = modelio.build(m)
+    return schemes.get("blackbox").plan(model, m.config.schemes["blackbox"], reg.key(m.name), reg.stored(m))
+
+
+def reading_scores(reg, m, b, student: nn.Module, plan) -> dict:
+    """The buyer's accusation score z from all planned answers, read with and without the nuisance
+    map (`read._least_squares`), beside the threshold for 1e-6 among 50 buyers."""
+    key = reg.key(m.name)
+    answers = ModuleTarget(student, "s", reveal="scores").answer(plan.inputs)
+    word = codes.codewords(key, m.name, [b.id], m.config.code)
+    out = {"z_threshold_50": round(accuse.threshold(50, 1e-6), 2)}
+    for name, flag in (("z_plain", False), ("z_nuisance", True)):
+        read.NUISANCE = flag
+        soft = plan.read(answers, "scores")
+        out[name] = round(float(accuse.scores(soft, word, m.config.code)[0]), 2)
+    read.NUISANCE = True
+    return out
 
 
 def _load(path: str) -> dict[str, torch.Tensor]:
@@ -123,8 +148,8 @@ def main() -> None:
     p.add_argument("--trained", type=Path, required=True, help="a trained example master (.safetensors)")
     p.add_argument("--tilts", default="0.02,0.05")
     p.add_argument("--archs", default="cnn,mlp")
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--hard-runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5, help="soft-answer students per architecture")
+    p.add_argument("--hard-runs", type=int, default=2, help="hard-label students per architecture")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)

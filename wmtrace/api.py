@@ -82,7 +82,8 @@ def demo(
     progress: Progress | None = None,
     train_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """The whole story on the example: master, buyer copies, one leaked after pruning and ONNX export, traced."""
+    """The whole story on the example: master, buyer copies, one leaked after pruning and ONNX export, traced;
+    another served behind an HTTP endpoint answering top-1 labels, named from its answers."""
     from . import attacks, example
     from .data import load_fashion_mnist
 
@@ -101,6 +102,7 @@ def demo(
     inputs, labels = load_fashion_mnist("test")
     formats.export_onnx(model, inputs[:1], leaked)
     result = trace(leaked, reg)
+    served = _serve_and_query(reg, issued[0] if guilty is not issued[0] else issued[-1], root / "served", inputs[:1])
     reg.close()
     return {
         "master": {"name": m.name, "accuracy": m.accuracy},
@@ -113,8 +115,29 @@ def demo(
             "onnxruntime_agreement": fidelity.onnx_agreement(str(leaked), model, inputs),
         },
         "trace": result.to_dict(),
-        "correct": result.buyer is not None and result.buyer["id"] == guilty.id,
+        "served": served,
+        "correct": result.buyer is not None and result.buyer["id"] == guilty.id and served["correct"],
     }
+
+
+def _serve_and_query(reg: Registry, b: Buyer, folder: Path, example_input) -> dict:
+    """The black-box half of the demo: `b`'s copy, exported to ONNX, served on 127.0.0.1 answering top-1
+    labels only, and named from those answers (`query`)."""
+    from . import example
+    from .targets import OnnxTarget
+    from .targets.serve import Server
+
+    model = example.build()
+    model.load_state_dict(load_file(b.file), strict=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    formats.export_onnx(model.eval(), example_input, folder / "model.onnx")
+    runner = OnnxTarget(folder / "model.onnx", reveal="scores", k=5, decimals=None, batch=256, input_name=None,
+                        output_name=None)
+    with Server(runner.outputs, "fashion-cnn", tuple(example_input.shape[1:]), reveal="top1") as server:
+        with open_target(server.url, reveal="top1") as target:
+            result = query(target, reg)
+    return {"buyer": {"id": b.id, "name": b.name}, "url": server.url, "reveal": "top1",
+            "query": result.to_dict(), "correct": result.buyer is not None and result.buyer["id"] == b.id}
 
 
 def __getattr__(name: str):

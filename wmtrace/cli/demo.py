@@ -57,6 +57,9 @@ def demo(
     from ..pipeline.trace import TraceResult
 
     print_trace(TraceResult(**story["trace"]))
+    served = story["served"]
+    out.print(f"{served['buyer']['name']} serves its copy (ONNX) at {served['url']}, answering top-1 labels only:")
+    print_trace(TraceResult(**served["query"]))
     if story["correct"]:
         out.print("correct buyer named", style="bold green")
     else:

@@ -48,11 +48,16 @@ def print_trace(r) -> None:
             ))
     elif r.buyer:
         out.print(Text.assemble("  buyer: ", (r.buyer["name"], "bold"), f" (id {r.buyer['id']})"))
-        out.print(
-            f"  evidence: {r.bit_errors} of {r.bits - r.bits_missing} bits flipped, {r.bits_missing} missing; "
-            f"{r.symbol_errors} symbol errors corrected, {r.erasures} erasures"
-        )
+        if r.bit_errors is not None:
+            out.print(
+                f"  evidence: {r.bit_errors} of {r.bits - r.bits_missing} bits flipped, {r.bits_missing} missing; "
+                f"{r.symbol_errors} symbol errors corrected, {r.erasures} erasures"
+            )
+        else:
+            out.print(f"  evidence: {r.reason}")
         out.print(f"  probability that an unmarked model gives this verdict: <= {r.false_positive_probability:.2e}")
     elif r.reason:
         out.print(f"  {r.reason}")
+    if r.queries is not None:
+        out.print(f"  queries: {r.queries} answers read")
 

@@ -35,13 +35,17 @@ class _Local(Closing):
         """Answers to `inputs` (a numeric array, n first), as the reveal mode allows."""
         if not isinstance(inputs, np.ndarray) or inputs.dtype.kind not in "fiu" or inputs.ndim < 1:
             raise BadArgument("inputs", f"must be a numeric array for {self.name}")
-        outs = [self._run(inputs[i : i + self.batch]) for i in range(0, len(inputs), self.batch)]
-        full = np.concatenate(outs) if outs else np.zeros((0, 0))
+        full = self.outputs(inputs)
         if full.ndim != 2 and self.reveal != "embedding":
             raise TargetFailed(f"{self.name}: outputs of shape {list(full.shape)}, expected [n, classes]")
         answers = simulate(full, self.reveal, self.k, self.decimals, self.name)
         self.queries += len(inputs)
         return answers
+
+    def outputs(self, inputs: np.ndarray) -> np.ndarray:
+        """The model's raw outputs (logits or embeddings), in batches: what `wmtrace serve` serves."""
+        outs = [self._run(inputs[i : i + self.batch]) for i in range(0, len(inputs), self.batch)]
+        return np.concatenate(outs) if outs else np.zeros((0, 0))
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -55,13 +55,28 @@ def soft_bits(ref: Reference, answers: Answers, reveal: str) -> np.ndarray:
     return soft * ref.basis.mask.numpy()
 
 
-def _least_squares(ref: Reference, logp: torch.Tensor) -> torch.Tensor:
-    """s minimising || centred(logp - master logp) - L s || over the answered queries, with a small
-    ridge so that a short session (fewer equations than bits) still gives its best estimate."""
-    n = len(logp)
+NUISANCE = True  # fit a class-to-class map of the master's own answers beside s (see `_least_squares`)
+
+
+def _least_squares(ref: Reference, logp: torch.Tensor, nuisance: bool | None = None) -> torch.Tensor:
+    """s minimising || centred(logp - master logp) - L s - B centred(master logp) || over the answered
+    queries, B a free C x C map. B absorbs what a surrogate gets systematically wrong about the master's
+    function (a student's answers are a shrunk or sharpened copy of its teacher's), which would
+    otherwise leak into s; a copy itself has B = 0. A small ridge lets a short session (fewer
+    equations than unknowns) still give its best estimate."""
+    nuisance = NUISANCE if nuisance is None else nuisance
+    n, k = len(logp), ref.basis.bits
     dz = logp - ref.logp[:n]
     dz = dz - dz.mean(1, keepdim=True)
-    lin = ref.linear[:n].reshape(-1, ref.basis.bits)
+    cols = [ref.linear[:n].reshape(-1, k)]
+    if nuisance:
+        base = ref.logp[:n] - ref.logp[:n].mean(1, keepdim=True)  # (n, C)
+        c = base.shape[1]
+        eye = torch.eye(c, dtype=torch.float64)
+        b = torch.einsum("ci,nj->ncij", eye, base).reshape(n, c, c * c)
+        cols.append((b - b.mean(1, keepdim=True)).reshape(-1, c * c))
+    lin = torch.cat(cols, 1)
     lhs = lin.T @ lin
     ridge = 1e-6 * float(lhs.diagonal().mean()) + 1e-12
-    return torch.linalg.solve(lhs + ridge * torch.eye(ref.basis.bits, dtype=torch.float64), lin.T @ dz.reshape(-1))
+    sol = torch.linalg.solve(lhs + ridge * torch.eye(len(lhs), dtype=torch.float64), lin.T @ dz.reshape(-1))
+    return sol[:k]
