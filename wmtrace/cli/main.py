@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from . import attack, buyers, demo, init, issue, query, registry, trace
+from . import attack, buyers, demo, init, issue, query, registry, serve, trace
 from .common import OneLineErrors
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command()(trace.trace)
 app.command()(query.query)
 app.command("buyers")(buyers.buyers)
 app.command()(demo.demo)
+app.command()(serve.serve)
 app.add_typer(attack.app, name="attack")
 app.add_typer(registry.app, name="registry")
 
