@@ -4,7 +4,7 @@ outputs and `inputs` / `outputs` are the OIP metadata the server declares.
 
     onnx_classifier   an ONNX file as it is
     buyer_classifier  a buyer's copy (safetensors + factory, or ONNX), or several, behind any serving
-                      attack of `wmtrace.attacks.serving` (preprocess, top1, ensemble, screen)
+                      attack (`wmtrace.attacks.SERVING_ATTACKS`) (preprocess, top1, ensemble, screen)
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ def buyer_classifier(files: list[str], factory: str | None = "wmtrace.example:bu
     the serving attack `attack` with `params` (None: the copy as it is), revealing `reveal` unless the
     attack forces its own (top1). A serving attack that calibrates (screen) does so on `limit` inputs
     of the `data` entry point's `split`: the attacker's own data."""
-    from wmtrace.attacks import serving
+    from wmtrace import attacks
 
     natural = natural_inputs(data, split, limit) if data else None
-    fn, forced = serving.served(files, factory, attack, params, natural)
+    fn, forced = attacks.served(files, factory, attack, params, natural)
     reveal = forced or reveal
 
     def predict(x: np.ndarray) -> dict[str, np.ndarray]:

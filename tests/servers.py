@@ -89,7 +89,7 @@ def leak(*files: str | os.PathLike, reveal: str = "scores", attack: str | None =
          factory: str | None = "wmtrace.example:build", data: str | None = None, **kw) -> tuple[str, dict]:
     """A `kserve_server` entry serving a leaker's deployment (`served_models.buyer_classifier`): the
     copies in `files` (safetensors through `factory`, or ONNX) behind the serving attack `attack` of
-    `wmtrace.attacks.serving` with `params`, revealing `reveal` (unless the attack forces one); `data`
+    `wmtrace.attacks.SERVING_ATTACKS` with `params`, revealing `reveal` (unless the attack forces one); `data`
     is the attacker's data entry point for an attack that calibrates (screen)."""
     args = {"files": [str(f) for f in files], "factory": factory, "reveal": reveal, "attack": attack,
             "params": params or {}, "data": data, **kw}

@@ -1,4 +1,4 @@
-"""Serving attacks (`wmtrace.attacks.serving`), each on its own: preprocessing moves images by a bounded
+"""Serving attacks (`wmtrace.attacks.serve`), each on its own: preprocessing moves images by a bounded
 amount and keeps their shape, screening answers flagged inputs at random and natural ones truly, the
 ensemble averages probabilities, top-1 is the reveal; declarations are found beside the weight attacks."""
 
@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from wmtrace import example
-from wmtrace.attacks import ATTACKS, serving
-from wmtrace.attacks.catalog import SERVING_ATTACKS
+from wmtrace import attacks, example
+from wmtrace.attacks import ATTACKS, SERVING_ATTACKS
 from wmtrace.attacks.serve_preprocess import preprocess
 from wmtrace.attacks.serve_screen import statistics
 from wmtrace.data import MEAN, STD, load_fashion_mnist
@@ -76,16 +75,16 @@ def test_preprocess_moves_images_a_bounded_amount_and_keeps_their_shape(images):
 def test_preprocess_wrap_feeds_the_model_the_processed_images(images):
     x = images[0][:20]
     seen = []
-    predict = serving.wrap("preprocess", [lambda q: seen.append(q) or np.zeros((len(q), 10), np.float32)])
+    predict = attacks.serve("preprocess", [lambda q: seen.append(q) or np.zeros((len(q), 10), np.float32)])
     assert predict(x).shape == (20, 10)
     np.testing.assert_array_equal(seen[0], preprocess(x, 24, 75))
     with pytest.raises(BadArgument, match="quality must be a whole number"):
-        serving.wrap("preprocess", [lambda q: q], quality="high")
+        attacks.serve("preprocess", [lambda q: q], quality="high")
 
 
 def test_screen_answers_natural_inputs_truly_and_flagged_ones_at_random(images, nearest_mean):
     x, y = images
-    predict = serving.wrap("screen", [nearest_mean], x[:1000], fraction=0.05)
+    predict = attacks.serve("screen", [nearest_mean], x[:1000], fraction=0.05)
     held_out = x[1000:]
     truth = nearest_mean(held_out)
     got = predict(held_out)
@@ -106,7 +105,7 @@ def test_screen_answers_natural_inputs_truly_and_flagged_ones_at_random(images, 
 
 def test_screen_by_image_statistics_flags_blends(images, nearest_mean):
     x, y = images
-    predict = serving.wrap("screen", [nearest_mean], x[:1000], fraction=0.05, detector="statistics")
+    predict = attacks.serve("screen", [nearest_mean], x[:1000], fraction=0.05, detector="statistics")
     natural_flagged = ~(predict(x[1000:]) == nearest_mean(x[1000:])).all(1)
     queries = blends(x, y, 500)
     query_flagged = ~(predict(queries) == nearest_mean(queries)).all(1)
@@ -117,32 +116,32 @@ def test_screen_by_image_statistics_flags_blends(images, nearest_mean):
 def test_screen_needs_data_and_checks_its_parameters(images, nearest_mean):
     x = images[0]
     with pytest.raises(BadInput, match="natural inputs"):
-        serving.wrap("screen", [nearest_mean])
+        attacks.serve("screen", [nearest_mean])
     with pytest.raises(BadInput, match="strength 1.5 must be a fraction"):
-        serving.wrap("screen", [nearest_mean], x[:100], fraction=1.5)
+        attacks.serve("screen", [nearest_mean], x[:100], fraction=1.5)
     with pytest.raises(BadArgument, match="detector"):
-        serving.wrap("screen", [nearest_mean], x[:100], detector="magic")
+        attacks.serve("screen", [nearest_mean], x[:100], detector="magic")
 
 
 def test_ensemble_averages_the_copies_probabilities():
     a = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
     b = np.log(np.array([[0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])) + 5.0  # logits up to a constant per row
-    predict = serving.wrap("ensemble", [lambda q: a, lambda q: b])
+    predict = attacks.serve("ensemble", [lambda q: a, lambda q: b])
     np.testing.assert_allclose(np.exp(predict(np.zeros((2, 1)))), [[0.4, 0.5, 0.1], [0.15, 0.15, 0.7]], atol=1e-6)
     with pytest.raises(BadInput, match="at least two copies"):
-        serving.wrap("ensemble", [lambda q: a])
+        attacks.serve("ensemble", [lambda q: a])
     with pytest.raises(BadInput, match="serves one copy, not 2"):
-        serving.wrap("preprocess", [lambda q: a, lambda q: b])
+        attacks.serve("preprocess", [lambda q: a, lambda q: b])
 
 
 def test_top1_is_the_reveal_mode_on_the_copy_as_it_is():
     def same(q):
         return q
 
-    assert serving.wrap("top1", [same]) is same
-    assert serving.get("top1").reveal == "top1"
+    assert attacks.serve("top1", [same]) is same
+    assert attacks.serve_attack("top1").reveal == "top1"
     with pytest.raises(BadInput, match="unknown serving attack 'jpeg'"):
-        serving.get("jpeg")
+        attacks.serve_attack("jpeg")
 
 
 def test_served_copies_from_safetensors_and_onnx_answer_alike(tmp_path, images):
@@ -156,16 +155,16 @@ def test_served_copies_from_safetensors_and_onnx_answer_alike(tmp_path, images):
     x = images[0][:50]
     with torch.no_grad():
         expected = models[0](torch.from_numpy(x)).numpy()
-    torch_predict, reveal = serving.served([files[0]], "wmtrace.example:build")
+    torch_predict, reveal = attacks.served([files[0]], "wmtrace.example:build")
     assert reveal is None
     np.testing.assert_allclose(torch_predict(x), expected, atol=1e-4)
-    onnx_predict, _ = serving.served([tmp_path / "c0.onnx"])
+    onnx_predict, _ = attacks.served([tmp_path / "c0.onnx"])
     np.testing.assert_allclose(onnx_predict(x), expected, atol=1e-4)
-    both, _ = serving.served(files, "wmtrace.example:build", "ensemble")
+    both, _ = attacks.served(files, "wmtrace.example:build", "ensemble")
     with torch.no_grad():
         mean = np.mean([torch.softmax(m(torch.from_numpy(x)), 1).numpy() for m in models], 0)
     np.testing.assert_allclose(np.exp(both(x)), mean, atol=1e-5)
-    _, forced = serving.served([files[0]], "wmtrace.example:build", "top1")
+    _, forced = attacks.served([files[0]], "wmtrace.example:build", "top1")
     assert forced == "top1"
     with pytest.raises(BadInput, match="merging serving attack"):
-        serving.served(files, "wmtrace.example:build")
+        attacks.served(files, "wmtrace.example:build")

@@ -16,8 +16,10 @@ predicts when the family `merges` (several copies served as one), and `data` is 
 natural inputs (a float32 array) when the family `needs_data`, else None. Parameters are declared
 with `base.Param` and checked by `files.check`, exactly as a weight attack's.
 
-`served(...)` builds what a server runs from files: each copy loaded (safetensors through a
-factory, or ONNX in onnxruntime), wrapped by the named serving attack, and the reveal it forces.
+By name, through the package: `attacks.serve(name, predicts, data, **params)` checks the parameters
+against the declaration and wraps; `attacks.served(files, factory, name, params, data)` builds what a
+leaker's server runs from files (each copy loaded by `file_predict`) and the reveal it forces. They
+live in the package's `__init__` because they need the catalog, which imports this module.
 """
 
 from __future__ import annotations
@@ -98,39 +100,15 @@ def file_predict(path: str | os.PathLike, factory: str | None = None) -> Predict
     return torch_predict(model)
 
 
-def get(name: str) -> ServingAttack:
-    from .catalog import SERVING_ATTACKS
-
-    attack = SERVING_ATTACKS.get(name)
-    if attack is None:
-        raise BadInput(f"unknown serving attack {name!r}: use one of {', '.join(SERVING_ATTACKS)}")
-    return attack
-
-
-def wrap(name: str, predicts: Sequence[Predict], data: np.ndarray | None = None, **params: Any) -> Predict:
-    """`predicts` served through the serving attack `name` with its parameters checked against its
-    declaration; a merging attack takes every predict, any other exactly one."""
-    from .files import check
-
-    attack = get(name)
-    values = check(attack, params)  # duck-typed: `check` reads only `name` and `params`
+def apply(attack: ServingAttack, predicts: Sequence[Predict], data: np.ndarray | None,
+          values: dict[str, Any]) -> Predict:
+    """`predicts` wrapped by `attack` with its checked parameter `values` (`files.check`); a merging
+    attack takes every predict, any other exactly one. `attacks.serve` is the entry point by name."""
     predicts = list(predicts)
     if attack.merges and len(predicts) < 2:
-        raise BadInput(f"{name} serves at least two copies")
+        raise BadInput(f"{attack.name} serves at least two copies")
     if not attack.merges and len(predicts) != 1:
-        raise BadInput(f"{name} serves one copy, not {len(predicts)}")
+        raise BadInput(f"{attack.name} serves one copy, not {len(predicts)}")
     if attack.needs_data and data is None:
-        raise BadInput(f"{name} needs the attacker's natural inputs to calibrate on")
+        raise BadInput(f"{attack.name} needs the attacker's natural inputs to calibrate on")
     return attack.wrap(predicts if attack.merges else predicts[0], data, **values)
-
-
-def served(files: Sequence[str | os.PathLike], factory: str | None = None, attack: str | None = None,
-           params: dict | None = None, data: np.ndarray | None = None) -> tuple[Predict, str | None]:
-    """What a leaker's server runs: the copies in `files` loaded (`file_predict`) and wrapped by the
-    serving attack `attack` (None: served as they are, one file), and the reveal the attack forces."""
-    predicts = [file_predict(f, factory) for f in files]
-    if attack is None:
-        if len(predicts) != 1:
-            raise BadInput("several copies are served together only through a merging serving attack (ensemble)")
-        return predicts[0], None
-    return wrap(attack, predicts, data, **(params or {})), get(attack).reveal
