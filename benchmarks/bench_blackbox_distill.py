@@ -95,6 +95,7 @@ def one_tilt(reg, trained: Path, tilt: float, args, data) -> list[dict]:
     teacher = teacher.to(x.device).eval()
     rows = []
     plan = make_plan(reg, m)
+    extra = {n: make_plan(reg, m, x[-n:]) for n in args.natural}  # the attacker's split's tail: unseen at init
     todo = [(arch, False, r) for arch in args.archs for r in range(args.runs)]
     todo += [(arch, True, r) for arch in args.archs for r in range(args.hard_runs)]
     for arch, hard, run in todo:
@@ -103,6 +104,8 @@ def one_tilt(reg, trained: Path, tilt: float, args, data) -> list[dict]:
         seconds = time.perf_counter() - t0
         r = query_target(ModuleTarget(student, f"{arch}-{run}", reveal="scores"), reg, m.name)
         z = reading_scores(reg, m, b, student, plan)
+        for n, more in extra.items():
+            z[f"z_natural_{n}"] = reading_scores(reg, m, b, student, more)["z_plain"]
         rows.append({"tilt": tilt, "arch": arch, "answers": "hard" if hard else "soft", "run": run,
                      "copy_agreement": b.agreement, "copy_accuracy": b.accuracy,
                      "student_agreement": agreement(student, teacher, xt),
@@ -116,9 +119,13 @@ def one_tilt(reg, trained: Path, tilt: float, args, data) -> list[dict]:
     return rows
 
 
-def make_plan(reg, m):
+def make_plan(reg, m, natural: torch.Tensor | None = None):
+    """The query plan; `natural` replaces the stored natural queries (to measure what more would buy)."""
     model, _ = modelio.build(m)
-    return schemes.get("blackbox").plan(model, m.config.schemes["blackbox"], reg.key(m.name), reg.stored(m))
+    stored = dict(reg.stored(m))
+    if natural is not None:
+        stored["blackbox.natural"] = natural.cpu().double().numpy()
+    return schemes.get("blackbox").plan(model, m.config.schemes["blackbox"], reg.key(m.name), stored)
 
 
 def reading_scores(reg, m, b, student: nn.Module, plan) -> dict:
@@ -153,9 +160,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--natural", default="", help="also read with this many natural queries (comma-separated)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/blackbox_distill.json"))
     args = p.parse_args()
     args.archs = args.archs.split(",")
+    args.natural = [int(n) for n in args.natural.split(",") if n]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = load_fashion_mnist("train")[0].to(device)
     xt, yt = (t.to(device) for t in load_fashion_mnist("test"))

@@ -55,15 +55,18 @@ def soft_bits(ref: Reference, answers: Answers, reveal: str) -> np.ndarray:
     return soft * ref.basis.mask.numpy()
 
 
-NUISANCE = True  # fit a class-to-class map of the master's own answers beside s (see `_least_squares`)
+# Fit a class-to-class map of the master's own answers beside s (`_least_squares`)? Off: on 25 students
+# distilled from soft answers it lowered the buyer's score by 0.1-0.8 (BENCHMARKS.md, black-box
+# distillation); it raised it only for hard-label students, which stayed below the threshold anyway.
+NUISANCE = False
 
 
 def _least_squares(ref: Reference, logp: torch.Tensor, nuisance: bool | None = None) -> torch.Tensor:
     """s minimising || centred(logp - master logp) - L s - B centred(master logp) || over the answered
-    queries, B a free C x C map. B absorbs what a surrogate gets systematically wrong about the master's
-    function (a student's answers are a shrunk or sharpened copy of its teacher's), which would
-    otherwise leak into s; a copy itself has B = 0. A small ridge lets a short session (fewer
-    equations than unknowns) still give its best estimate."""
+    queries, B a free C x C map (with `nuisance`, else B = 0). B would absorb what a surrogate gets
+    systematically wrong about the master's function (a student's answers are a shrunk or sharpened
+    copy of its teacher's); measured, it cost more than it gained (`NUISANCE`). A small ridge lets a
+    short session (fewer equations than unknowns) still give its best estimate."""
     nuisance = NUISANCE if nuisance is None else nuisance
     n, k = len(logp), ref.basis.bits
     dz = logp - ref.logp[:n]
