@@ -1,8 +1,12 @@
 """`wmtrace query`: a target that cannot be asked is one `error:` line and exit code 2, before any
-registry is read or any query is spent, and never shows a credential from its URL."""
+registry is read or any query is spent, and never shows a credential from its URL; a buyer's copy
+served by KServe with labels only is named in JSON, exit code 0."""
 
+import json
+import shutil
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from tests import servers
@@ -59,3 +63,18 @@ def test_weight_file_needs_a_registry_for_its_factory(tmp_path):
     r = run("query", leak, "--registry", tmp_path / "none")
     assert r.exit_code == 2 and "no wmtrace registry" in one_error_line(r)
     assert not (tmp_path / "none").exists()
+
+
+def test_a_copy_served_by_kserve_is_named_in_json(issued, tmp_path):
+    pytest.importorskip("kserve")
+    root, buyers = issued
+    shutil.copytree(root, tmp_path / "w", symlinks=True)  # the query session writes an audit entry
+    leaked = buyers[1]
+    with servers.kserve_server({"cnn": servers.leak(leaked.file, attack="top1")}) as url:
+        r = run("query", f"{url}/v2/models/cnn", "--reveal", "top1", "--registry", tmp_path / "w" / "registry",
+                "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["verdict"] == "identified" and result["buyer"]["id"] == leaked.id
+    assert result["false_positive_probability"] <= 1e-6 and result["queries"] <= 256
+    assert result["file"] == f"{url}/v2/models/cnn"
