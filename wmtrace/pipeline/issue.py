@@ -133,6 +133,7 @@ class _Run:
         bits = codes.codeword(self.key, m.name, b.id, m.config.code)
         model = modelio.import_object(m.factory)()
         model.load_state_dict(self.master.model.state_dict(), strict=False)
+        model.eval()  # a scheme that runs the copy (the black-box edit) must see the master's BatchNorm statistics
         for marker in self.markers:
             marker.embed(model, bits, seed, progress)
         final = self.extras | {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -12,7 +12,7 @@ from torch import nn
 
 from ... import batches
 from ...batches import Inputs
-from ...errors import BadInput
+from ...errors import BadInput, InternalError
 
 
 def find_head(model: nn.Module, probe: Inputs, name: str | None = None) -> str:
@@ -38,6 +38,8 @@ def find_head(model: nn.Module, probe: Inputs, name: str | None = None) -> str:
 def features(model: nn.Module, head: str, inputs: Inputs, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(head input features, model output) for `inputs`, in float64, computed in batches."""
     layer = dict(model.named_modules())[head]
+    if model.training:  # train-mode BatchNorm would normalise by the queries' own statistics, and update them
+        raise InternalError("head.features needs the model in eval mode")
     seen: list[torch.Tensor] = []
     hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().flatten(1)))
     outs = []
