@@ -87,7 +87,8 @@ def weight_attacks(copy, work: Path, args) -> list[Deployment]:
     rows = []
     for name, params in (("finetune", {"strength": args.finetune_epochs}), ("prune", {"strength": 0.3}),
                          ("quantize", {"mode": "int8"})):
-        out = work / f"{base}-{name}.safetensors"
+        tag = "-".join(f"{v:g}" if isinstance(v, float) else v for v in params.values())
+        out = work / f"{base}-{name}-{tag}.safetensors"  # the strength in the name: a cache per setting
         if not out.exists():
             t = time.perf_counter()
             api.attack(name, copy.file, out, data=args.attacker_data, **params)
