@@ -95,7 +95,7 @@ def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budge
     key = reg.key(m.name)
     model, _ = modelio.build(m)
     scheme = schemes.get(blackbox.NAME)
-    plan = scheme.plan(model, m.config.schemes[blackbox.NAME], key, reg.stored(m))
+    plan = scheme.plan(model, m.config.schemes[blackbox.NAME], key, reg.stored(m), natural=target.reveal == "scores")
     points = looks(len(plan.inputs), plan.reference.boundary, target.reveal, budget)
     share = max_fp / max(1, len(points))
     spec = m.config.code

@@ -100,12 +100,14 @@ class BlackBox:
                 stored: dict[str, np.ndarray]) -> np.ndarray:
         return np.full(bits, np.nan)
 
-    def plan(self, model: nn.Module, config: dict, key: bytes, stored: dict[str, np.ndarray]) -> Plan:
-        """The queries to send, in order (boundary queries, then natural ones), and the master's
-        answers and linear map at each, for `read`."""
+    def plan(self, model: nn.Module, config: dict, key: bytes, stored: dict[str, np.ndarray],
+             natural: bool = True) -> Plan:
+        """The queries to send, in order (boundary queries, then natural ones unless `natural` is
+        False: only full scores read them), and the master's answers and linear map at each, for `read`."""
         cfg = Config.from_dict(config)
         b = basis(config, key, stored)
-        inputs = torch.cat([_stored(stored, "queries"), _stored(stored, "natural")]).float()
+        parts = [_stored(stored, "queries")] + ([_stored(stored, "natural")] if natural else [])
+        inputs = torch.cat(parts).float()
         feats, logits = head.features(model, cfg.head, inputs)
         k = b.bits
         id_bits = min(8 * codes.ID_BYTES, k)
