@@ -85,15 +85,18 @@ def weight_attacks(copy, work: Path, args) -> list[Deployment]:
     """The copy after each weight attack, as files a server loads."""
     base = f"b{copy.id}"
     rows = []
-    for name, params in (("finetune", {"strength": args.finetune_epochs}), ("prune", {"strength": 0.3}),
-                         ("quantize", {"mode": "int8"})):
+    attacks = [("finetune", {"strength": args.finetune_epochs}), ("prune", {"strength": 0.3}),
+               ("quantize", {"mode": "int8"})]
+    attacks += [("finetune", {"strength": args.finetune_epochs, "lr": lr}) for lr in args.finetune_lrs]
+    for name, params in attacks:
         tag = "-".join(f"{v:g}" if isinstance(v, float) else v for v in params.values())
         out = work / f"{base}-{name}-{tag}.safetensors"  # the strength in the name: a cache per setting
         if not out.exists():
             t = time.perf_counter()
             api.attack(name, copy.file, out, data=args.attacker_data, **params)
             print(f"  {name} of buyer {copy.id}: {time.perf_counter() - t:.0f} s", flush=True)
-        label = {"finetune": f"finetune {args.finetune_epochs:g} epoch", "prune": "prune 30%", "quantize": "int8"}
+        label = {"finetune": f"finetune {args.finetune_epochs:g} epoch, lr {params.get('lr', 0.05):g}",
+                 "prune": "prune 30%", "quantize": "int8"}
         rows.append(Deployment(label[name], "weights", [str(out)], [copy.id]))
     onnx = work / f"{base}.onnx"
     if not onnx.exists():
@@ -197,6 +200,8 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=2, help="copies put through every single-copy attack")
     ap.add_argument("--reveals", default="top1,scores", help="what the servers reveal (attacks forcing one keep it)")
     ap.add_argument("--finetune-epochs", type=float, default=1.0)
+    ap.add_argument("--finetune-lrs", type=lambda v: [float(x) for x in v.split(",") if x], default=[0.005, 0.001],
+                    help="learning rates of gentler fine-tunes besides the attack's default 0.05")
     ap.add_argument("--attacker-data", default=DATA, help="module:function, the fine-tuning attacker's data")
     ap.add_argument("--screen-fraction", type=float, default=0.05, help="natural inputs the screen answers at random")
     ap.add_argument("--eval", type=int, default=2000, help="test images for the accuracy cost")
