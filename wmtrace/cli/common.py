@@ -34,6 +34,9 @@ RegistryOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
 MasterOpt = Annotated[str | None, typer.Option("--master", help="Registered master [default: the only one]")]
+MaxFpOpt = Annotated[
+    float, typer.Option("--max-false-positive", help="Accuse only below this false-accusation probability")
+]
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from .. import api, targets
-from .common import JsonOpt, MasterOpt, RegistryOpt, emit, guarded, out
+from .common import JsonOpt, MasterOpt, MaxFpOpt, RegistryOpt, emit, guarded, out
 from .trace import print_trace
 
 Reveal = Enum("Reveal", {r: r for r in targets.REVEALS}, type=str)  # click lists the choices in its error
@@ -42,9 +42,7 @@ def query(
     retries: Annotated[int, typer.Option(help="Retries on connection errors, timeouts, 429 and 5xx")] = 3,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once")] = 4,
     master: MasterOpt = None,
-    max_fp: Annotated[
-        float, typer.Option("--max-false-positive", help="Accuse only below this false-accusation probability")
-    ] = 1e-6,
+    max_fp: MaxFpOpt = 1e-6,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

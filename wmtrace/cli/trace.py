@@ -9,16 +9,14 @@ import typer
 from rich.text import Text
 
 from .. import api
-from .common import JsonOpt, MasterOpt, RegistryOpt, emit, guarded, out
+from .common import JsonOpt, MasterOpt, MaxFpOpt, RegistryOpt, emit, guarded, out
 
 
 @guarded
 def trace(
     file: Annotated[Path, typer.Argument(help="Leaked .safetensors / .onnx / checkpoint, or a folder")],
     master: MasterOpt = None,
-    max_fp: Annotated[
-        float, typer.Option("--max-false-positive", help="Accuse only below this false-accusation probability")
-    ] = 1e-6,
+    max_fp: MaxFpOpt = 1e-6,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
