@@ -16,8 +16,10 @@ import pytest
 from wmtrace import api
 
 ROOT = Path(__file__).resolve().parents[1]
-# Minimal-norm placement on unlabeled inputs: the quickest real registration (about 2 s).
-INIT = ["init", "--name", "small", "--placement", "minimal-norm", "--data", "tests.smalldata:unlabeled"]
+# Minimal-norm placement on unlabeled inputs, white-box only: the quickest real registration (about 2 s).
+# What is killed here is the registry's bookkeeping, the same whatever the schemes.
+INIT = ["init", "--name", "small", "--placement", "minimal-norm", "--data", "tests.smalldata:unlabeled",
+        "--schemes", "whitebox"]
 
 
 def wmtrace(*args, registry: Path, failpoint: str | None = None, wait: bool = True):
@@ -80,7 +82,7 @@ def one_issued(tmp_path, master_file) -> Path:
     reg = tmp_path / "registry"
     with api.open_registry(reg, create=True) as r:
         api.init(r, "small", master_file, "wmtrace.example:build", data="tests.smalldata:unlabeled",
-                 placement="minimal-norm")
+                 placement="minimal-norm", scheme_names=["whitebox"])
     issue(reg, tmp_path / "out", 1)
     return reg
 
