@@ -8,13 +8,15 @@ and shell history would keep it).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from enum import Enum
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import api, targets
-from .common import JsonOpt, MasterOpt, MaxFpOpt, RegistryOpt, emit, guarded, out
+from .common import JsonOpt, MasterOpt, MaxFpOpt, RegistryOpt, emit, err, guarded
 from .trace import print_trace
 
 Reveal = Enum("Reveal", {r: r for r in targets.REVEALS}, type=str)  # click lists the choices in its error
@@ -55,10 +57,26 @@ def query(
         target, reveal=reveal.value if reveal else None, k=k, decimals=decimals, model=model, input_name=input_name,
         output_name=output_name, timeout=timeout, retries=retries, concurrency=concurrency, factory=factory,
     ) as t:
-        result = api.query(t, reg or api.open_registry(registry), master, max_fp, budget=budget)
+        with _progress(disable=as_json) as progress:
+            result = api.query(t, reg or api.open_registry(registry), master, max_fp, budget=budget,
+                               progress=progress)
     if as_json:
         emit(result.to_dict())
     else:
         print_trace(result)
-        out.print(f"  queries: {t.queries} answers read from {t.name} (reveals {t.reveal})")
     raise typer.Exit(result.exit_code)
+
+
+@contextmanager
+def _progress(disable: bool):
+    """A bar on stderr: answers received of those planned, with the time left (a session over a slow
+    endpoint can take minutes)."""
+    bar = Progress(TextColumn("querying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                   transient=True, disable=disable)
+    task = bar.add_task("query", total=None)
+
+    def update(done: int, planned: int) -> None:
+        bar.update(task, completed=done, total=planned)
+
+    with bar:
+        yield update
