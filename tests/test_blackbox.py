@@ -10,7 +10,7 @@ import pytest
 from wmtrace import api, errors, modelio, schemes
 from wmtrace.coding import accuse, codes
 from wmtrace.pipeline.query import looks, query_target
-from wmtrace.targets import open_target
+from wmtrace.targets import Answers, open_target
 
 FACTORY = "wmtrace.example:build"
 
@@ -111,3 +111,30 @@ def test_black_box_refuses_encoders_and_unknown_schemes(master_file, tmp_path):
     with pytest.raises(errors.BadInput, match="unknown scheme"):
         api.init(reg, "u", master_file, FACTORY, data="tests.smalldata:dataset", scheme_names=["greybox"])
     assert reg.masters() == []
+
+
+class _Liar:
+    """A target that answers whatever `make(n)` returns: scores over too few classes, labels out of range."""
+
+    def __init__(self, reveal, make):
+        self.name, self.reveal, self.queries, self.make = "liar", reveal, 0, make
+
+    def answer(self, inputs):
+        self.queries += len(inputs)
+        return self.make(len(inputs))
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("reveal,make,message", [
+    ("scores", lambda n: Answers(labels=np.zeros(n, np.int64), logp=np.log(np.full((n, 5), 0.2))), "5 classes"),
+    ("top1", lambda n: Answers(labels=np.full(n, 12, np.int64)), "outside the master's 10 classes"),
+    ("top1", lambda n: Answers(labels=np.zeros(n + 1, np.int64)), "answers to"),
+    ("embedding", lambda n: Answers(embeddings=np.zeros((n, 8))), "answers embeddings"),
+])
+def test_answers_that_do_not_fit_the_master_fail_in_one_line(issued, reveal, make, message):
+    root, _ = issued
+    reg = api.open_registry(root / "registry")
+    with pytest.raises(errors.TargetFailed, match=message):
+        query_target(_Liar(reveal, make), reg)

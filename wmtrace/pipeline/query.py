@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import modelio, schemes
-from ..errors import BadArgument
+from ..errors import BadArgument, TargetFailed
 from ..registry import Buyer, Master, Registry
 from ..schemes import blackbox
 from ..targets import Answers, Target
@@ -104,8 +104,9 @@ def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budge
     sent = 0
     result = TraceResult(NO_WATERMARK, target.name, master=m.name, bits=spec.bits, bits_missing=spec.bits)
     accused: TraceResult | None = None  # the latest look that accused by score: kept if none decodes later
+    classes = plan.reference.logp.shape[1]
     for n in points:
-        parts.append(target.answer(plan.inputs[sent:n]))
+        parts.append(_checked(target.answer(plan.inputs[sent:n]), n - sent, classes, target))
         sent = n
         if progress is not None:
             progress(sent, points[-1])
@@ -139,6 +140,25 @@ def _named_by_score(r: TraceResult) -> TraceResult:
         r.false_positive_probability = c["false_accusation_bound"]
         r.reason = f"named by score ({c['score']:.2f}); the answers read did not decode"
     return r
+
+
+def _checked(a: Answers, n: int, classes: int, target: Target) -> Answers:
+    """The answers, or TargetFailed: as many as asked, over the master's classes (a top-k answer may
+    name fewer; it is widened with NaN). Nothing is concluded from a target that answers otherwise."""
+    if target.reveal == "embedding" or (a.labels is None and a.logp is None):
+        raise TargetFailed(f"{target.name}: answers embeddings, but the black-box mark is read from a "
+                           "classifier's labels or scores (--reveal scores, topk or top1)")
+    if len(a) != n:
+        raise TargetFailed(f"{target.name}: {len(a)} answers to {n} queries")
+    if a.labels is not None and ((a.labels < 0) | (a.labels >= classes)).any():
+        raise TargetFailed(f"{target.name}: a label outside the master's {classes} classes")
+    if a.logp is not None:
+        width = a.logp.shape[1]
+        if width > classes or (width < classes and target.reveal != "topk"):
+            raise TargetFailed(f"{target.name}: scores over {width} classes; the master has {classes}")
+        if width < classes:
+            a.logp = np.concatenate([a.logp, np.full((len(a.logp), classes - width), np.nan)], axis=1)
+    return a
 
 
 def _concat(parts: list[Answers]) -> Answers:
