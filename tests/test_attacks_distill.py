@@ -6,6 +6,7 @@ must hold is that tracing the student never names an innocent buyer.
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from tests import smalldata
 from wmtrace import api, attacks, example
 from wmtrace.cli import app
+from wmtrace.errors import BadInput
 
 runner = CliRunner()
 
@@ -55,3 +57,14 @@ def test_distillation_is_seeded_and_reads_no_labels():
             for s in (0, 0, 1)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not torch.equal(runs[0]["features.0.weight"], runs[2]["features.0.weight"])
+
+
+def test_hard_label_distillation_learns_from_labels_not_scores():
+    torch.set_num_threads(2)
+    teacher = example.build().state_dict()
+    trainer = attacks.Trainer(example.build, smalldata.unlabeled, seed=0)
+    hard = attacks.distill(teacher, 0.03, trainer, answers="hard")
+    soft = attacks.distill(teacher, 0.03, trainer)
+    assert not torch.equal(hard["features.0.weight"], soft["features.0.weight"])
+    with pytest.raises(BadInput, match="answers"):
+        attacks.distill(teacher, 0.03, trainer, answers="logits")
