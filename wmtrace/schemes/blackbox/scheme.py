@@ -10,6 +10,7 @@ is not evidence for this scheme (`locate` returns None): the white-box scheme re
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -82,8 +83,7 @@ class BlackBox:
             torch.manual_seed(0)
             _, sv, v = torch.svd_lowrank(feats - mean, q=min(p + 16, *feats.shape), niter=4)
         pcs = v[:, :p].T * (len(feats) ** 0.5 / sv[:p, None].clamp_min(1e-12))  # <pc_j, h - mu>: unit variance
-        rng = np.random.default_rng(int.from_bytes(np.random.bytes(8), "little") if options.get("seed") is None
-                                    else options["seed"] + 1)
+        rng = np.random.default_rng(secrets.randbits(128) if options.get("seed") is None else options["seed"] + 1)
         natural = pool[torch.from_numpy(rng.permutation(len(pool))[: cfg.natural])]
         stored = {"queries": x, "pairs": torch.from_numpy(pairs), "directions": directions.float(),
                   "components": pcs.float(), "mean": mean.float(), "natural": natural.float().contiguous()}
