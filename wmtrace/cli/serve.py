@@ -34,6 +34,8 @@ def serve(
         dims = runner.input.shape[1:]
         shape = shape or (tuple(dims) if all(isinstance(d, int) for d in dims) else None)
     else:
+        if not model:
+            raise BadArgument("model", f"is needed to run {file} (module:factory building its nn.Module)")
         runner = TorchTarget(file, factory=model, reveal="scores", k=5, decimals=None, batch=256)
     if shape is None:
         raise BadArgument("input_shape", "is needed: the model does not declare a fixed input shape")
