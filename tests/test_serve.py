@@ -1,4 +1,4 @@
-"""`wmtrace serve`: a model file behind the minimal OIP v2 endpoint, queried over HTTP, stopped by Ctrl-C."""
+"""`wmtrace serve`: a model file behind the minimal OIP v2 endpoint, queried over HTTP, stopped by a signal."""
 
 import os
 import signal
@@ -18,7 +18,8 @@ from wmtrace.targets.serve import Server
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_serve_command_answers_labels_that_name_the_buyer_and_stops_on_ctrl_c(issued):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_command_answers_labels_that_name_the_buyer_and_stops_on_a_signal(issued, stop):
     root, buyers = issued
     b = buyers[0]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -33,9 +34,13 @@ def test_serve_command_answers_labels_that_name_the_buyer_and_stops_on_ctrl_c(is
             r = api.query(t, api.open_registry(root / "registry"))
         assert r.verdict == "identified" and r.buyer["id"] == b.id
     finally:
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-    assert p.returncode == 0 and "Traceback" not in err
+        p.send_signal(stop)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+    assert p.returncode == 0 and "Traceback" not in err and "stopped" in out
 
 
 def test_server_refuses_bad_requests_without_dying():

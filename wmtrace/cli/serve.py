@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +40,10 @@ def serve(
         runner = TorchTarget(file, factory=model, reveal="scores", k=5, decimals=None, batch=256)
     if shape is None:
         raise BadArgument("input_shape", "is needed: the model does not declare a fixed input shape")
+    # Ctrl-C and SIGTERM (how service managers stop a server) both end it cleanly, even where the
+    # shell started it with SIGINT ignored (a background job).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     with Server(runner.outputs, name, shape, reveal, host, port) as server:
         out.print(f"serving {file} at {server.url} (answers: {reveal}); Ctrl-C stops")
         try:
@@ -46,3 +51,7 @@ def serve(
                 time.sleep(3600)
         except KeyboardInterrupt:
             out.print("stopped")
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
