@@ -110,7 +110,7 @@ def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budge
         sent = n
         if progress is not None:
             progress(sent, points[-1])
-        soft = plan.read(_concat(parts), target.reveal)
+        soft = plan.read(Answers.concat(parts), target.reveal)
         result = TraceResult(NO_WATERMARK, target.name, master=m.name, bits=spec.bits,
                              bits_missing=int(np.count_nonzero(np.isnan(soft))))
         known = ~np.isnan(soft)
@@ -159,11 +159,3 @@ def _checked(a: Answers, n: int, classes: int, target: Target) -> Answers:
         if width < classes:
             a.logp = np.concatenate([a.logp, np.full((len(a.logp), classes - width), np.nan)], axis=1)
     return a
-
-
-def _concat(parts: list[Answers]) -> Answers:
-    def cat(name: str) -> np.ndarray | None:
-        arrays = [getattr(p, name) for p in parts]
-        return None if any(a is None for a in arrays) else np.concatenate(arrays)
-
-    return Answers(labels=cat("labels"), logp=cat("logp"), embeddings=cat("embeddings"))

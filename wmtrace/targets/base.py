@@ -33,6 +33,22 @@ class Answers:
     logp: np.ndarray | None = None  # (n, classes) float64 log-probabilities, NaN where not revealed
     embeddings: np.ndarray | None = None  # (n, dim) float64; encoders
 
+    @staticmethod
+    def concat(parts: list[Answers]) -> Answers:
+        """One `Answers` from the answers to consecutive batches, in order; top-k widths (which can differ
+        between batches) padded with NaN to the widest."""
+
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            if not arrays or any(a is None for a in arrays):
+                return None
+            if name == "logp":
+                width = max(a.shape[1] for a in arrays)
+                arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=np.nan) for a in arrays]
+            return np.concatenate(arrays)
+
+        return Answers(labels=cat("labels"), logp=cat("logp"), embeddings=cat("embeddings"))
+
     def __len__(self) -> int:
         for a in (self.labels, self.logp, self.embeddings):
             if a is not None:

@@ -78,7 +78,7 @@ class OipTarget(Closing):
             widths = {(p.logp if p.logp is not None else p.embeddings).shape[1] for p in parts}
             if len(widths) > 1:
                 raise TargetFailed(f"{self.name}: answers of different widths {sorted(widths)} between batches")
-        return _concat(parts, self.reveal, len(x))
+        return _concat(parts, self.reveal)
 
     def _ask(self, x: np.ndarray) -> Answers:
         body = {"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": self.input_type,
@@ -186,20 +186,10 @@ def _guess_reveal(outputs: Any) -> str:
     return "scores"
 
 
-def _concat(parts: list[Answers], reveal: str, n: int) -> Answers:
-    """One `Answers` from the batches' answers in order; top-k widths padded to the widest."""
+def _concat(parts: list[Answers], reveal: str) -> Answers:
+    """One `Answers` from the batches' answers in order (`Answers.concat`); none at all, for no input,
+    still says what the reveal would have shown."""
     if not parts:
         return Answers(labels=np.zeros(0, np.int64), logp=None if reveal == "top1" else np.zeros((0, 0)),
                        embeddings=np.zeros((0, 0)) if reveal == "embedding" else None)
-    if reveal == "embedding":
-        return Answers(embeddings=np.concatenate([p.embeddings for p in parts]))
-    labels = np.concatenate([p.labels for p in parts])
-    if reveal == "top1":
-        return Answers(labels=labels)
-    width = max(p.logp.shape[1] for p in parts)
-    logp = np.full((n, width), np.nan)
-    i = 0
-    for p in parts:
-        logp[i : i + len(p.logp), : p.logp.shape[1]] = p.logp
-        i += len(p.logp)
-    return Answers(labels=labels, logp=logp)
+    return Answers.concat(parts)
