@@ -81,9 +81,7 @@ def query_target(
         for m in masters:
             r = _query_master(target, reg, m, share, budget, progress, pending)
             if r.verdict in (IDENTIFIED, COLLUDERS):
-                r.false_positive_probability = min(1.0, r.false_positive_probability * len(masters))
-                for c in r.colluders:
-                    c["false_accusation_bound"] = min(1.0, c["false_accusation_bound"] * len(masters))
+                r.union_over(len(masters))
                 result = r
                 break
             result = result or r
@@ -118,10 +116,7 @@ def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budge
             result.reason = "the answers equal the master's: this is the unmarked master"
             break
         verdict(result, soft, key, m.name, spec, issued, share)
-        if result.verdict in (IDENTIFIED, COLLUDERS):
-            result.false_positive_probability = min(1.0, result.false_positive_probability * len(points))
-            for c in result.colluders:
-                c["false_accusation_bound"] = min(1.0, c["false_accusation_bound"] * len(points))
+        result.union_over(len(points))
         if result.verdict == IDENTIFIED:
             break
         if result.verdict == COLLUDERS:  # more answers may decode, or show more colluders

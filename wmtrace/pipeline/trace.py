@@ -48,6 +48,14 @@ class TraceResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def union_over(self, chances: int) -> None:
+        """Report the bounds for `chances` tries, each held to 1/chances of the budget (masters tried,
+        rounds of a query session): the union bound, so the figure holds for the whole procedure."""
+        if self.verdict in (IDENTIFIED, COLLUDERS):
+            self.false_positive_probability = min(1.0, self.false_positive_probability * chances)
+            for c in self.colluders:
+                c["false_accusation_bound"] = min(1.0, c["false_accusation_bound"] * chances)
+
 
 def trace_tensors(
     tensors: Mapping[str, np.ndarray],
@@ -81,9 +89,7 @@ def trace_tensors(
     ]
     for r in results:
         if r.verdict in (IDENTIFIED, COLLUDERS):
-            r.false_positive_probability = min(1.0, r.false_positive_probability * len(candidates))
-            for c in r.colluders:
-                c["false_accusation_bound"] = min(1.0, c["false_accusation_bound"] * len(candidates))
+            r.union_over(len(candidates))
             return r
     if results:
         return results[0]
