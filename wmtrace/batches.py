@@ -8,13 +8,24 @@ unlabeled data is enough, since issuing distils from the master's own outputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 LABEL_KEYS = ("labels", "label")
+# A batch holds at most this many input values (8 MB of float32): 1000 Fashion-MNIST images but 13
+# crops at 224 x 224, since activations grow with the input: a forward pass of 64 such crops through
+# EfficientNet-Lite0 alone peaked at 1.4 GB of memory (BENCHMARKS.md, *1000-class copies*).
+BATCH_VALUES = 1 << 21
+MAX_ROWS = 1000
+
+
+def rows(sample: Inputs) -> int:
+    """How many samples like `sample` (one item, no batch dimension) go in one batch."""
+    values = sum(v.numel() for v in sample.values()) if isinstance(sample, Mapping) else sample.numel()
+    return max(1, min(MAX_ROWS, BATCH_VALUES // max(1, values)))
 
 
 def split(batch) -> tuple[Inputs, torch.Tensor | None]:
@@ -36,6 +47,14 @@ def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
     if isinstance(inputs, dict):
         return {k: v[index] for k, v in inputs.items()}
     return inputs[index]
+
+
+def chunks(inputs: Inputs, step: int | None = None) -> Iterator[Inputs]:
+    """Inputs held in memory, in batches of `step` (default `rows`)."""
+    n = size(inputs)
+    step = step or (rows(take(inputs, 0)) if n else 1)
+    for i in range(0, n, step):
+        yield take(inputs, slice(i, i + step))
 
 
 def concat(parts: list[Inputs]) -> Inputs:

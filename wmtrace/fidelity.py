@@ -3,6 +3,8 @@ agreement, for encoders the cosine similarity of embeddings and nearest-neighbou
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,15 +13,32 @@ from . import batches
 
 
 @torch.no_grad()
-def outputs(model: nn.Module, inputs: batches.Inputs, batch_size: int = 1000) -> torch.Tensor:
+def outputs(model: nn.Module, inputs: batches.Inputs, batch_size: int | None = None) -> torch.Tensor:
     """The model's outputs in eval mode (BatchNorm uses running stats), batched to bound memory."""
     model.eval()
     n = batches.size(inputs)
+    batch_size = batch_size or batches.rows(batches.take(inputs, 0))
     return torch.cat([batches.call(model, batches.take(inputs, slice(i, i + batch_size))).float()
                       for i in range(0, n, batch_size)])
 
 
-def predictions(model: nn.Module, inputs: batches.Inputs, batch_size: int = 1000) -> torch.Tensor:
+@torch.no_grad()
+def stream_outputs(model: nn.Module, data: Iterable[tuple[batches.Inputs, torch.Tensor | None]]
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Outputs (and labels, None without) over batches streamed from a data set (`modelio.stream`):
+    only the outputs are kept, never the inputs."""
+    model.eval()
+    outs, labels = [], []
+    for x, y in data:
+        outs.append(batches.call(model, x).float())
+        if y is not None:
+            labels.append(y)
+    if not outs:
+        raise ValueError("no data")
+    return torch.cat(outs), (torch.cat(labels) if labels else None)
+
+
+def predictions(model: nn.Module, inputs: batches.Inputs, batch_size: int | None = None) -> torch.Tensor:
     """Top-1 classes."""
     return outputs(model, inputs, batch_size).argmax(1)
 
@@ -38,12 +57,12 @@ def embedding_fidelity(ours: torch.Tensor, master: torch.Tensor) -> tuple[float,
     return cosine, float((nearest(ours) == nearest(master)).float().mean())
 
 
-def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None) -> float:
     """Top-1 accuracy against the labels."""
     return float((predictions(model, inputs, batch_size) == labels).float().mean())
 
 
-def agreement(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> float:
+def agreement(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, batch_size: int | None = None) -> float:
     """Fraction of inputs on which both models predict the same class."""
     a, b = predictions(model_a, inputs, batch_size), predictions(model_b, inputs, batch_size)
     return float((a == b).float().mean())

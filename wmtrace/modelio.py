@@ -110,6 +110,29 @@ def tensors(ds: Dataset, limit: int | None = None) -> tuple[batches.Inputs, torc
     return inputs, (torch.cat(ys)[:limit] if ys else None)
 
 
+def stream(ds: Dataset, limit: int | None = None) -> Iterator[tuple[batches.Inputs, torch.Tensor | None]]:
+    """The first `limit` items (all: None) as (inputs, labels or None) batches of `batches.rows` each:
+    data of any size passes through in bounded memory (a split of 224 x 224 crops is never held)."""
+    n = len(ds) if limit is None else min(limit, len(ds))
+    if n == 0:
+        return
+    first, _ = batches.split(ds[0])
+    size = batches.rows(first)
+    if isinstance(ds, TensorDataset):
+        for i in range(0, n, size):
+            ts = [t[i : min(i + size, n)] for t in ds.tensors]
+            yield ts[0], (ts[1] if len(ts) > 1 else None)
+        return
+    done = 0
+    for batch in DataLoader(ds, batch_size=size):
+        x, y = batches.split(batch)
+        keep = min(batches.size(x), n - done)
+        yield batches.take(x, slice(0, keep)), (y[:keep] if y is not None else None)
+        done += keep
+        if done >= n:
+            return
+
+
 def shuffled_batches(ds: Dataset, batch_size: int, seed: int) -> Iterator:
     """Endless shuffled batches; a fresh seeded order per buyer."""
     g = torch.Generator().manual_seed(seed)

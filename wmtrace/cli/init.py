@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from rich.text import Text
 
 from .. import api
@@ -14,7 +16,7 @@ from ..schemes.whitebox import Config
 from .common import JsonOpt, RegistryOpt, emit, err, fail, guarded, out
 
 
-# Over 60 lines only because each of init's sixteen options is declared in its signature (Typer's way).
+# Over 60 lines only because each of init's seventeen options is declared in its signature (Typer's way).
 @guarded
 def init(
     name: Annotated[str, typer.Option(help="Name of the master in the registry")] = api.EXAMPLE_MASTER,
@@ -54,6 +56,11 @@ def init(
     bb_tilt: Annotated[
         float | None, typer.Option(help="Black-box: logit tilt per bit on ordinary inputs [default: 0.02]")
     ] = None,
+    fidelity: Annotated[
+        float | None, typer.Option(help="Least fidelity of a copy on held-out data: top-1 agreement, or cosine "
+                                        "for encoders; --strength is then the ceiling of a search (0: no target) "
+                                        "[default: 0.99, 0.999 for encoders]")
+    ] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -70,7 +77,8 @@ def init(
         m = api.init(reg, name, weights, model, data, carriers or None, bits, layers=layers, strength=strength,
                      steps=repair_steps, placement=placement, output=output, loss=loss,
                      scheme_names=[n.strip() for n in schemes.split(",") if n.strip()] if schemes is not None else None,
-                     bb_margin=bb_margin, bb_tilt=bb_tilt)
+                     bb_margin=bb_margin, bb_tilt=bb_tilt, fidelity_target=fidelity,
+                     progress=None if as_json else _trial_progress(output))
     info = {
         "master": m.name,
         "factory": m.factory,
@@ -79,6 +87,9 @@ def init(
         "schemes": sorted(m.config.schemes),
         "carriers": [{"name": c.name, "shape": list(c.shape), "bits": c.bits} for c in Config.of(m).carriers]
         if "whitebox" in m.config.schemes else [],
+        "fidelity": m.config.fidelity,
+        "calibration": (Config.of(m).calibration.to_dict()
+                        if "whitebox" in m.config.schemes and Config.of(m).calibration else None),
         "blackbox": ({k: m.config.schemes["blackbox"][k] for k in ("head", "margin", "tilt")}
                      | {"queries": m.config.code.bits} if "blackbox" in m.config.schemes else None),
         "code": {"symbols": m.config.code.symbols, "name": m.config.code.name},
@@ -95,8 +106,37 @@ def init(
         bb = info["blackbox"]
         out.print(f"  black-box: {bb['queries']} boundary queries, head {bb['head']}, margin {bb['margin']:g}, "
                   f"tilt {bb['tilt']:g}")
+    if info["calibration"]:
+        out.print(_calibration_table(info["calibration"], m.config.output))
     if m.accuracy is not None:
         out.print(f"  test accuracy {m.accuracy:.2%}")
+
+
+def _calibration_table(cal: dict, output: str) -> Table:
+    """The strengths `init --fidelity` tried: what each cost in fidelity and what the reference attack
+    left of its bits; the chosen one in bold."""
+    what = "cosine" if output == "embedding" else "agreement"
+    table = Table(title=f"mark strength for fidelity >= {cal['target']:g} (trial copies, held-out data)",
+                  title_justify="left", box=box.SIMPLE_HEAD, expand=False)
+    for col in ("strength", what, "bit errors after 80% pruning + int8", "margin left"):
+        table.add_column(col, justify="right")
+    for t in cal["trials"]:
+        style = "bold" if t["strength"] == cal["strength"] else None
+        table.add_row(f"{t['strength']:g}", f"{t['fidelity']:.2%}" if what == "agreement" else f"{t['fidelity']:.4f}",
+                      str(t["bit_errors"]), f"{t['margin']:.2f}", style=style)
+    return table
+
+
+def _trial_progress(output: str):
+    """One line per trial strength as it is measured (each marks and runs a copy on held-out data)."""
+    what = "cosine" if output == "embedding" else "agreement"
+
+    def cb(trial) -> None:
+        value = f"{trial.fidelity:.4f}" if what == "cosine" else f"{trial.fidelity:.2%}"
+        err.print(f"  trial strength {trial.strength:g}: {what} {value}, after 80% pruning + int8 "
+                  f"{trial.bit_errors} bit errors, margin {trial.margin:.2f}", soft_wrap=True)
+
+    return cb
 
 
 def _training_progress():

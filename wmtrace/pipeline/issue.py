@@ -6,6 +6,7 @@ killed mid-run leaves reservations that the next run takes over (`Registry.reser
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,9 @@ Progress = Callable[[int, int, int, int, float], None]
 # Buyer names become file names (NAME.safetensors, and a hidden temporary beside it): one path
 # component, printable, short enough for any file system's 255-byte limit with room to spare.
 MAX_BUYER_NAME = 100
+# Times a copy below the fidelity target is marked again at 1/sqrt(2) of the strength (down to half):
+# its soft bits then read about 0.5-0.7 instead of 1, still far above the reference attack's losses.
+BACKOFF_STEPS = 2
 
 
 def check_buyer_name(name: str) -> None:
@@ -123,27 +127,34 @@ class _Run:
                         for name in names]
         self.dtypes = {k: getattr(torch, v) for k, v in m.config.dtypes.items()}
         limit = m.config.eval_samples if eval_samples is None else eval_samples
-        test = modelio.dataset(m.data, "test") if limit != 0 else None
-        self.held_out = modelio.tensors(test, limit) if test is not None else None
-        self.master_out = fidelity.outputs(model, self.held_out[0]) if self.held_out is not None else None
+        self.test = modelio.dataset(m.data, "test") if limit != 0 else None
+        self.limit = limit
+        # Held-out data is streamed for every copy, never held: only outputs are kept (a split of
+        # 224 x 224 crops would otherwise dominate the run's memory).
+        self.master_out, self.labels = (fidelity.stream_outputs(model, modelio.stream(self.test, limit))
+                                        if self.test is not None else (None, None))
 
     def one(self, b: Buyer, out: Path, seed: int, progress) -> None:
-        """Mark, check and write one copy; fills in `b` (file, sha256, margin, fidelity, codeword)."""
+        """Mark, check and write one copy; fills in `b` (file, sha256, margin, fidelity, codeword).
+
+        A copy below the master's fidelity target is marked again, weaker by sqrt(2), at most
+        `BACKOFF_STEPS` times: `init` chose the strength on a trial codeword, and on EfficientNet-Lite0
+        another codeword at the same strength agreed 1 point less (BENCHMARKS.md, *1000-class copies*)."""
         m = self.m
         bits = codes.codeword(self.key, m.name, b.id, m.config.code)
-        model = modelio.import_object(m.factory)()
-        model.load_state_dict(self.master.model.state_dict(), strict=False)
-        model.eval()  # a scheme that runs the copy (the black-box edit) must see the master's BatchNorm statistics
-        for marker in self.markers:
-            marker.embed(model, bits, seed, progress)
-        final = self.extras | {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        final = {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in final.items()}
-        # Margin, self-check and fidelity of the copy as written (after any rounding to fp16/bf16).
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in final.items()}, strict=False)
-        b.margin = min(marker.margin(model, bits) for marker in self.markers)
+        scale = 1.0
+        for attempt in range(BACKOFF_STEPS + 1):
+            model, final = self._mark(bits, seed, progress, scale)
+            b.margin = min(marker.margin(model, bits) for marker in self.markers)
+            if self.test is None:
+                break
+            ours, _ = fidelity.stream_outputs(model, modelio.stream(self.test, self.limit))
+            _measure(b, ours, self.master_out, self.labels, m.config.output)
+            if _meets(b, m) or attempt == BACKOFF_STEPS:
+                break
+            scale /= math.sqrt(2.0)
+        _gate(b, m)
         _verify(self.reg, m, b, final, model)
-        if self.held_out is not None:
-            _measure(b, fidelity.outputs(model, self.held_out[0]), self.master_out, self.held_out[1], m.config.output)
         if m.config.shards > 1:
             path = out / b.name
             formats.save_sharded(final, path, m.config.shards)
@@ -152,6 +163,20 @@ class _Run:
             formats.save_safetensors(final, path)
         b.file, b.sha256, b.status = str(path.resolve()), modelio.sha256_file(path), "issued"
         b.codeword = np.packbits(bits).tobytes().hex()
+
+
+    def _mark(self, bits: np.ndarray, seed: int, progress, scale: float) -> tuple[torch.nn.Module, dict]:
+        """A marked copy: the model (float, as written) and the tensors to write (in the master's dtypes)."""
+        model = modelio.import_object(self.m.factory)()
+        model.load_state_dict(self.master.model.state_dict(), strict=False)
+        model.eval()  # a scheme that runs the copy (the black-box edit) must see the master's BatchNorm statistics
+        for marker in self.markers:
+            marker.embed(model, bits, seed, progress, scale)
+        final = self.extras | {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        final = {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in final.items()}
+        # Margin, self-check and fidelity of the copy as written (after any rounding to fp16/bf16).
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in final.items()}, strict=False)
+        return model, final
 
 
 def _measure(b: Buyer, ours: torch.Tensor, master: torch.Tensor, labels: torch.Tensor | None, output: str) -> None:
@@ -163,6 +188,24 @@ def _measure(b: Buyer, ours: torch.Tensor, master: torch.Tensor, labels: torch.T
     predicted = ours.argmax(1)
     b.agreement = float((predicted == master.argmax(1)).float().mean())
     b.accuracy = float((predicted == labels).float().mean()) if labels is not None else None
+
+
+def _meets(b: Buyer, m: Master) -> bool:
+    target = m.config.fidelity
+    value = b.cosine if m.config.output == "embedding" else b.agreement
+    return target is None or value is None or value >= target
+
+
+def _gate(b: Buyer, m: Master) -> None:
+    """No copy below the master's fidelity target leaves: `init --fidelity` chose the strength to meet
+    it on the same held-out data, but each copy's codeword moves its answers differently."""
+    if not _meets(b, m):
+        value = b.cosine if m.config.output == "embedding" else b.agreement
+        target = m.config.fidelity
+        what = "mean cosine" if m.config.output == "embedding" else "top-1 agreement"
+        raise SelfCheckFailed(f"buyer {b.name!r}: {what} with the master {value:.4f} is below the fidelity target "
+                              f"{target:g} of master {m.name!r}; no copy was written (register the master again "
+                              "with a lower --strength or --fidelity)")
 
 
 def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:

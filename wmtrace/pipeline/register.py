@@ -18,13 +18,15 @@ from ..coding import codes, keys
 from ..errors import BadArgument, BadInput
 from ..registry import Master, MasterConfig, Registry
 from ..schemes import blackbox, whitebox
-from ..schemes.whitebox import embed
+from ..schemes.whitebox import calibrate, embed
 
 EXAMPLE_MASTER = "fashion-cnn"
 EXAMPLE_FACTORY = "wmtrace.example:build"
 EXAMPLE_DATA = "wmtrace.example:dataset"
 # Training inputs on which candidate carrier layers are ranked by what a mark there costs.
 COST_SAMPLES = 64
+# Largest input (values per sample) for which `init` adds the black-box scheme by default: 64 x 64 RGB.
+BLACKBOX_MAX_INPUT = 64 * 64 * 3
 
 
 def check_name(name: str) -> None:
@@ -50,6 +52,8 @@ def init(
     scheme_names: list[str] | None = None,
     bb_margin: float | None = None,
     bb_tilt: float | None = None,
+    fidelity_target: float | None = None,
+    progress: Callable[[object], None] | None = None,
 ) -> Master:
     """Register a master: copy its weights into the registry, prepare its scheme, create its key.
 
@@ -60,11 +64,19 @@ def init(
     `scheme_names` names the schemes to register (default: white-box, and black-box where the model is a
     classifier ending in a linear layer, with tensor inputs and training data); `bb_margin` and
     `bb_tilt` set the black-box mark's strengths (`schemes.blackbox.Config`).
+
+    `fidelity_target` (default: `calibrate.DEFAULT_TARGET` for the output, 0: none) is the least
+    fidelity a copy may have on the held-out split: `strength` becomes the ceiling of a search for the
+    strongest mark that meets it (`schemes.whitebox.calibrate`, each trial reported to `progress`),
+    and `issue` refuses to write a copy below it.
     """
     check_name(name)
     if any(m.name == name for m in reg.masters()):
         raise BadInput(f"master {name!r} is already registered")
     whitebox.check_options(strength, steps, placement, output, loss, layers)
+    target = calibrate.DEFAULT_TARGET.get(output) if fidelity_target is None else fidelity_target
+    if target is not None and not 0.0 <= target < 1.0:
+        raise BadArgument("fidelity", f"{target}: use a fraction in [0, 1) (0: no target)")
     spec = codes.CodeSpec(symbols=bits // 8)
     if bits % 8 or bits < 72:
         raise BadArgument("bits", f"{bits}: use a multiple of 8, at least 72")
@@ -78,18 +90,19 @@ def init(
     data_set = train if train is not None else test
     probe = modelio.tensors(data_set, COST_SAMPLES)[0] if data_set is not None else None  # a few real inputs
     options = {"carriers": carriers, "layers": layers, "strength": strength, "steps": steps,
-               "placement": placement, "output": output, "loss": loss, "margin": bb_margin, "tilt": bb_tilt}
-    master = schemes.MasterModel(model, state, train, probe)
+               "placement": placement, "output": output, "loss": loss, "margin": bb_margin, "tilt": bb_tilt,
+               "fidelity": target, "eval_samples": eval_samples, "progress": progress}
+    master = schemes.MasterModel(model, state, train, probe, test)
     prepared, stored = _prepare(master, spec.bits, options, scheme_names)
     accuracy = None
-    if test is not None and output == "logits":
-        inputs, labels = modelio.tensors(test, eval_samples)
+    if test is not None and output == "logits" and eval_samples != 0:
+        logits, labels = fidelity.stream_outputs(model, modelio.stream(test, eval_samples))
         if labels is not None:
-            accuracy = fidelity.evaluate(model, inputs, labels)
+            accuracy = float((logits.argmax(1) == labels).float().mean())
     # Copies are written in the dtypes and shard count the master came in (fp16/bf16 stay half size;
     # a sharded Hugging Face folder gives sharded folders).
     config = MasterConfig(spec, prepared, eval_samples, source.dtypes, max(1, len(source.files)),
-                          output)
+                          output, fidelity=(target or None) if test is not None else None)
     registered = {k: state[k] for k in extras} | {k: v.contiguous() for k, v in model.state_dict().items()}
     with reg.lock():  # one registration at a time: the name is checked and taken under the lock
         if any(m.name == name for m in reg.masters()):
@@ -115,6 +128,8 @@ def _prepare(master: schemes.MasterModel, bits: int, options: dict,
             if explicit:
                 raise BadInput("the black-box scheme marks classifiers (--output logits) only")
             continue
+        if n == blackbox.NAME and not explicit and _large(master.probe):
+            continue
         try:
             config, tensors = schemes.get(n).prepare(master, bits, options)
         except BadInput:
@@ -124,6 +139,12 @@ def _prepare(master: schemes.MasterModel, bits: int, options: dict,
         prepared[n] = config
         stored.update(tensors)
     return prepared, stored
+
+
+def _large(probe) -> bool:
+    """Inputs too large for the black-box scheme's default: it holds its training pool in memory
+    (8,192 inputs: 4.9 GB of 224 x 224 crops) and stores its queries with the master."""
+    return probe is not None and not isinstance(probe, dict) and probe[0].numel() > BLACKBOX_MAX_INPUT
 
 
 def _build(state: dict[str, torch.Tensor], weights, factory: str, data: str | None):

@@ -25,17 +25,20 @@ class MasterConfig:
     shards: int = 1  # copies are written in as many shards as the master came in
     output: str = "logits"  # what the model returns, "logits" or "embedding": how fidelity is measured
     version: int = CONFIG_VERSION
+    # Least top-1 agreement (cosine, for encoders) a copy may have on the held-out split; `issue`
+    # writes no copy below it. None: no gate (masters registered before 0.4, or `--fidelity 0`).
+    fidelity: float | None = None
 
     @classmethod
     def from_json(cls, d: dict, master: str = "") -> MasterConfig:
         d = migrate(d, master)
         return cls(CodeSpec(**d["code"]), dict(d["schemes"]), d.get("eval_samples"), dict(d.get("dtypes", {})),
-                   int(d.get("shards", 1)), d.get("output", "logits"), int(d["version"]))
+                   int(d.get("shards", 1)), d.get("output", "logits"), int(d["version"]), d.get("fidelity"))
 
     def to_json(self) -> dict:
         return {"version": self.version, "code": {"symbols": self.code.symbols, "name": self.code.name},
                 "schemes": self.schemes, "eval_samples": self.eval_samples, "dtypes": self.dtypes,
-                "shards": self.shards, "output": self.output}
+                "shards": self.shards, "output": self.output, "fidelity": self.fidelity}
 
 
 def migrate(d: dict, master: str = "") -> dict:

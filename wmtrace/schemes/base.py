@@ -38,6 +38,7 @@ class MasterModel:
     state: dict[str, torch.Tensor]  # every registered tensor, by name
     train: Dataset | None  # the user's training inputs (placement, repair)
     probe: Inputs | None  # a few real inputs, to measure what a mark costs
+    held_out: Dataset | None = None  # the user's held-out inputs (fidelity target, `init --fidelity`)
 
 
 @dataclass
@@ -50,8 +51,10 @@ class Located:
 
 
 class Issuer(Protocol):
-    def embed(self, model: nn.Module, bits: np.ndarray, seed: int, progress: StepProgress | None) -> None:
-        """Mark `model` (a fresh copy of the master) with `bits`, in place."""
+    def embed(self, model: nn.Module, bits: np.ndarray, seed: int, progress: StepProgress | None,
+              scale: float = 1.0) -> None:
+        """Mark `model` (a fresh copy of the master) with `bits`, in place; `scale` < 1 asks for a weaker
+        mark (issue's fidelity back-off), which a scheme that cannot weaken its mark ignores."""
 
     def margin(self, model: nn.Module, bits: np.ndarray) -> float:
         """The smallest bit margin of a marked copy (1.0: every bit as placed)."""

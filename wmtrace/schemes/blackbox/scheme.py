@@ -154,7 +154,10 @@ class Marker:
     def __init__(self, cfg: Config, b: edit.Basis, inputs: torch.Tensor):
         self.cfg, self.basis, self.inputs = cfg, b, inputs
 
-    def embed(self, model: nn.Module, bits: np.ndarray, seed: int, progress: StepProgress | None) -> None:
+    def embed(self, model: nn.Module, bits: np.ndarray, seed: int, progress: StepProgress | None,
+              scale: float = 1.0) -> None:
+        """The closed-form head edit; `scale` is ignored: the boundary queries' margin is what makes a
+        label answer readable at all, so it is never weakened."""
         layer = dict(model.named_modules())[self.cfg.head]
         feats, logits = head.features(model, self.cfg.head, self.inputs)
         dw, db = self.basis.edit(self.basis.signed(bits), feats, logits)

@@ -9,7 +9,7 @@ change by least squares (`extract`). Registered configuration: `Config`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -19,13 +19,14 @@ from ... import batches, modelio
 from ...errors import BadArgument, BadInput, first_line
 from ...registry import Master
 from ..base import Located, MasterModel, StepProgress
+from . import calibrate, embed
 from . import carriers as carriers_mod
-from . import embed
 from . import extract as extract_mod
 from .align import locate
 from .carriers import Carrier
 
 NAME = "whitebox"
+CALIBRATION_SAMPLES = 2000  # held-out inputs on which `init --fidelity` measures each trial strength
 PLACEMENTS = ("activation", "minimal-norm")
 
 
@@ -36,18 +37,21 @@ class Config:
     carriers: tuple[Carrier, ...]
     margins: tuple[float, ...]
     embed: embed.EmbedConfig
+    calibration: calibrate.Calibration | None = None  # how the strength was chosen (`init --fidelity`)
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         cfg = embed.EmbedConfig(**d["embed"])
         if cfg.placement not in PLACEMENTS:
             raise BadInput(f"unknown placement {cfg.placement!r} ({', '.join(PLACEMENTS)})")
+        found = d.get("calibration")
         return cls(tuple(Carrier.from_dict(c) for c in d["carriers"]), tuple(float(c["margin"]) for c in d["carriers"]),
-                   cfg)
+                   cfg, calibrate.Calibration.from_dict(found) if found else None)
 
     def to_dict(self) -> dict:
-        return {"carriers": [{**c.to_dict(), "margin": m} for c, m in zip(self.carriers, self.margins, strict=True)],
-                "embed": asdict(self.embed)}
+        d = {"carriers": [{**c.to_dict(), "margin": m} for c, m in zip(self.carriers, self.margins, strict=True)],
+             "embed": asdict(self.embed)}
+        return d | ({"calibration": self.calibration.to_dict()} if self.calibration else {})
 
     @classmethod
     def of(cls, m: Master) -> Config:
@@ -73,6 +77,11 @@ def check_options(strength: float, steps: int, placement: str, output: str, loss
         raise BadArgument("layers", "must be at least 1")
 
 
+def _inputs(ds, limit: int):
+    """The first `limit` training inputs, streamed in bounded batches (labels dropped)."""
+    return (x for x, _ in modelio.stream(ds, limit))
+
+
 class WhiteBox:
     name = NAME
     stage = 0
@@ -92,25 +101,46 @@ class WhiteBox:
             raise BadInput(f"the model does not run on the data given ({first_line(e)})") from e
         moment_inputs = None
         if master.train is not None and cfg.placement == "activation":
-            moment_inputs = modelio.tensors(master.train, cfg.moment_samples)[0]
+            moment_inputs = master.train
         found: dict[str, np.ndarray | None] = {}
+        weighed: dict[str, np.ndarray | None] = {}
 
         def metrics(cands: list[Carrier]) -> list[np.ndarray | None]:
             todo = [c for c in cands if c.name not in found]
             if todo and moment_inputs is not None:
-                computed = embed.input_moments(model, todo, moment_inputs, cfg.ridge)
+                computed = embed.input_moments(model, todo, _inputs(moment_inputs, cfg.moment_samples), cfg.ridge)
                 found.update(zip([c.name for c in todo], computed, strict=True))
             return [found.get(c.name) for c in cands]
 
+        def rows(cands: list[Carrier]) -> list[np.ndarray | None]:
+            todo = [c for c in cands if c.name not in weighed]
+            if todo and moment_inputs is not None and cfg.row_weights:
+                computed = embed.output_sensitivity(model, todo, _inputs(moment_inputs, cfg.sensitivity_samples),
+                                                    cfg.output)
+                weighed.update(zip([c.name for c in todo], computed, strict=True))
+            return [weighed.get(c.name) for c in cands]
+
         def cost(cands: list[Carrier]) -> list[float]:
-            return embed.distortion(model, cands, metrics(cands), cfg.strength, probe, cfg)
+            return embed.distortion(model, cands, metrics(cands), cfg.strength, probe, cfg, rows(cands))
 
         chosen = carriers_mod.select(master.state, bits, options["carriers"], count=options["layers"], allowed=used,
                                      cost=cost if probe is not None else None)
         margins = tuple(embed.margin(master.state[c.name], c, cfg.strength) for c in chosen)
+        calibration = None
+        target = options.get("fidelity")
+        if target and master.held_out is not None:
+            samples = min(len(master.held_out), options.get("eval_samples") or CALIBRATION_SAMPLES,
+                          CALIBRATION_SAMPLES)
+            calibration = calibrate.search(model, chosen, metrics(chosen), rows(chosen),
+                                           lambda: _inputs(master.held_out, samples), target, cfg.strength,
+                                           cfg.output, options.get("progress"))
+            cfg = replace(cfg, strength=calibration.strength)
+        margins = tuple(embed.margin(master.state[c.name], c, cfg.strength) for c in chosen)
         stored = {c.name: torch.from_numpy(mt) for c, mt in zip(chosen, metrics(chosen), strict=True)
                   if mt is not None}
-        return Config(tuple(chosen), margins, cfg).to_dict(), stored
+        stored |= {carriers_mod.ROWS + c.name: torch.from_numpy(w) for c, w in zip(chosen, rows(chosen), strict=True)
+                   if w is not None}
+        return Config(tuple(chosen), margins, cfg, calibration).to_dict(), stored
 
     def issuer(self, master: MasterModel, m: Master, config: dict, key: bytes,
                stored: dict[str, np.ndarray]) -> Marker:
@@ -146,19 +176,25 @@ class Marker:
         if cfg.embed.placement == "activation":
             metrics = [stored.get(c.name) for c in self.carriers]
             if not stored:  # registered before the metric was stored with the master
-                inputs = modelio.tensors(master.train, cfg.embed.moment_samples)[0]
+                inputs = _inputs(master.train, cfg.embed.moment_samples)
                 metrics = embed.input_moments(master.model, self.carriers, inputs, cfg.embed.ridge)
-        self.maps = [carriers_mod.embedding_map(s, mt) for s, mt in zip(self.secrets, metrics, strict=True)]
+        weights = [stored.get(carriers_mod.ROWS + c.name) for c in self.carriers]
+        self.maps = [carriers_mod.embedding_map(s, mt, w)
+                     for s, mt, w in zip(self.secrets, metrics, weights, strict=True)]
 
-    def embed(self, model: nn.Module, bits: np.ndarray, seed: int, progress: StepProgress | None) -> None:
+    def embed(self, model: nn.Module, bits: np.ndarray, seed: int, progress: StepProgress | None,
+              scale: float = 1.0) -> None:
+        """Place `bits` at the registered margins times `scale`: a weaker copy still reads as its buyer,
+        with soft bits of about `scale` instead of 1 (and so less room against attacks)."""
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        embed.place(state, self.carriers, self.secrets, self.margins, bits, maps=self.maps)
+        margins = [m * scale for m in self.margins]
+        embed.place(state, self.carriers, self.secrets, margins, bits, maps=self.maps)
         model.load_state_dict(state, strict=False)
         steps = self.cfg.embed.steps
         if steps > 0:
             step_cb = (lambda s, h: progress(s, steps, h)) if progress else None
             data = modelio.shuffled_batches(self.master.train, self.cfg.embed.batch_size, seed=seed)
-            embed.repair(model, self.master.model, data, self.carriers, self.secrets, self.margins, bits,
+            embed.repair(model, self.master.model, data, self.carriers, self.secrets, margins, bits,
                          self.cfg.embed, step_cb)
         model.eval()
 
