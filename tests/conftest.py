@@ -31,7 +31,8 @@ def issued(tmp_path_factory, master_file):
     """A registry with one master and three issued buyers; tests copy it before writing to it."""
     root = tmp_path_factory.mktemp("issued")
     reg = api.open_registry(root / "registry", create=True)
-    api.init(reg, "small", master_file, "wmtrace.example:build", data="tests.smalldata:dataset")
+    api.init(reg, "small", master_file, "wmtrace.example:build", data="tests.smalldata:dataset",
+             fidelity_target=0)  # a weak master: its copies are not the subject here
     buyers = api.issue(reg, buyers=3, out=root / "out")
     reg.close()
     return root, buyers

@@ -85,7 +85,6 @@ def search(
     model: nn.Module,
     carriers: list[Carrier],
     metrics: list[np.ndarray | None],
-    rows: list[np.ndarray | None],
     data: Callable[[], Iterable[batches.Inputs]],
     target: float,
     ceiling: float,
@@ -99,7 +98,7 @@ def search(
     reference = _outputs(model, data)
     key = keys.generate()  # a throwaway key: the master's own is made only once registration succeeds
     secrets = [c.secret(key) for c in carriers]
-    maps = [embedding_map(s, mt, w) for s, mt, w in zip(secrets, metrics, rows, strict=True)]
+    maps = [embedding_map(s, mt) for s, mt in zip(secrets, metrics, strict=True)]
     threshold = _prune_threshold(state)
     rng = np.random.default_rng(0)
     width = max(c.start + c.bits for c in carriers)
@@ -111,7 +110,7 @@ def search(
         embed.place(marked, carriers, secrets, margins, bits, maps=maps)
         model.load_state_dict(marked, strict=False)
         score = measure(_outputs(model, data), reference, output)
-        errors, worst = _after_attack(marked, state, carriers, secrets, margins, bits, threshold, metrics, rows)
+        errors, worst = _after_attack(marked, state, carriers, secrets, margins, bits, threshold, metrics)
         return Trial(round(strength, 4), score, errors, worst)
 
     trials: list[Trial] = []
@@ -160,17 +159,17 @@ def _prune_threshold(state: dict[str, torch.Tensor]) -> float:
     return float(flat.kthvalue(max(1, int(PRUNE * flat.numel()))).values)
 
 
-def _after_attack(marked, state, carriers, secrets, margins, bits, threshold, metrics, rows) -> tuple[int, float]:
+def _after_attack(marked, state, carriers, secrets, margins, bits, threshold, metrics) -> tuple[int, float]:
     """Bit errors and the smallest soft bit when the reference attack hits the carriers, read as
     `trace` reads them (pruned weights unknown, least-squares fit)."""
     errors, worst = 0, math.inf
-    for c, s, m, mt, w in zip(carriers, secrets, margins, metrics, rows, strict=True):
+    for c, s, m, mt in zip(carriers, secrets, margins, metrics, strict=True):
         weight = marked[c.name].double()
         weight = torch.where(weight.abs() <= threshold, torch.zeros_like(weight), weight)
         scale = float(weight.abs().max()) / INT8 or 1.0
         weight = (torch.round(weight / scale) * scale).reshape(c.rows, -1).numpy()
         found = Located(c, c.name, 1.0, np.where(weight == 0.0, np.nan, weight))
-        soft = soft_bits(found, state[c.name].double().numpy(), s, m, mt, w)
+        soft = soft_bits(found, state[c.name].double().numpy(), s, m, mt)
         signed = np.nan_to_num(soft * (2.0 * bits[c.start : c.start + c.bits] - 1.0), nan=-1.0)
         errors += int((signed <= 0).sum())
         worst = min(worst, float(signed.min()))

@@ -88,7 +88,6 @@ MIN_ROWS = 32
 LAYERS_PER_CARRIER = 4
 MIN_LAYERS, MAX_LAYERS = 2, 8
 SHIFT_VISIBLE = 1e-3
-ROWS = "rows/"  # stored with the master: ROWS + carrier name -> each filter's weight (`embedding_map`)
 SKIP_NAMES = ("embed", "wte", "wpe", "lm_head", "shared.weight")  # token tables, tied output heads
 
 
@@ -216,11 +215,10 @@ class Embedding:
 
     Filter i moves by basis @ (signs[:, i] * coef): every change within reach of the signed
     statistics, and among those meeting the targets exactly the one smallest in the metric.
-    `signs` here carries each filter's share too (signs times `row_weights`).
     """
 
     basis: np.ndarray  # dim x bits: metric^-1 x' (x' for minimal norm)
-    signs: np.ndarray  # bits x rows: the keyed signs, each column times its filter's weight
+    signs: np.ndarray  # bits x rows
     gram: np.ndarray  # bits x bits: bit j's statistic per unit of coefficient k
 
     def change(self, targets: np.ndarray) -> np.ndarray:
@@ -229,8 +227,7 @@ class Embedding:
         return (self.signs.T * coef) @ self.basis.T
 
 
-def embedding_map(secret: Secret, metric: np.ndarray | None = None,
-                  row_weights: np.ndarray | None = None) -> Embedding:
+def embedding_map(secret: Secret, metric: np.ndarray | None = None) -> Embedding:
     """The change of a carrier's filters that meets every bit's statistic exactly and is smallest
     in `metric`, summed over filters.
 
@@ -240,15 +237,10 @@ def embedding_map(secret: Secret, metric: np.ndarray | None = None,
     copy needs no fine-tuning to stay faithful. Keyed signs let bits share those few cheap
     directions without crowding each other: on the example, at the same margins, 0.29% of test
     predictions differ from the master's against 0.53% with the plain filter mean (BENCHMARKS.md).
-
-    `row_weights` (one per filter, mean 1; `output_sensitivity`) weigh the filters by how little the
-    model's answers depend on each output channel: the cost minimised becomes sum_i d_i' C d_i / w_i,
-    a Kronecker-factored Fisher metric, and filter i moves in proportion to w_i.
     """
     x = secret.x.astype(np.float64)
     basis = x.T if metric is None else np.linalg.solve(metric, x.T)
-    signs = secret.signs if row_weights is None else secret.signs * row_weights[None, :]
     rows = secret.signs.shape[1]
-    gram = (secret.signs @ signs.T / rows) * (x @ basis)
-    return Embedding(basis, signs, gram)
+    gram = (secret.signs @ secret.signs.T / rows) * (x @ basis)
+    return Embedding(basis, secret.signs, gram)
 

@@ -29,9 +29,7 @@ from . import carriers as carriers_mod
 from .carriers import Carrier, Secret
 
 OUTPUTS = ("logits", "embedding")
-SENSITIVITY_RANGE = 10.0  # filter weights span at most this factor either side of the median
-# A backward pass keeps every activation: batches for it are this many times smaller than forward ones.
-BACKWARD_SPLIT = 4
+
 
 
 @dataclass(frozen=True)
@@ -44,10 +42,6 @@ class EmbedConfig:
     placement: str = "activation"  # or "minimal-norm": the closed form's metric
     ridge: float = 0.1  # added to the input second moments, relative to their mean eigenvalue
     moment_samples: int = 1024  # training inputs that estimate the second moments, once per issue run
-    # Weigh each carrier's filters by how little the answers depend on them (`output_sensitivity`),
-    # estimated on this many training inputs at registration. Masters registered without: all alike.
-    row_weights: bool = True
-    sensitivity_samples: int = 256
     steps: int = 0  # repair steps per buyer
     batch_size: int = 128
     lr: float = 1e-4
@@ -163,85 +157,6 @@ def input_moments(
     return out
 
 
-def output_sensitivity(
-    model: nn.Module, carriers: list[Carrier], data: Iterable[batches.Inputs], output: str
-) -> list[np.ndarray | None]:
-    """Per carrier, a weight per filter (mean 1) that falls as the model's answers depend more on that
-    filter's output channel: 1 / E[(d log p_c / d y_i)^2], the diagonal Fisher of the answers in the
-    channel, with class c drawn from the model's own softmax (for embeddings, the squared Jacobian
-    norm along random directions). Clipped to a tenfold range around the median: a channel the
-    answers ignore would otherwise take the whole mark, where a fine-tune could forget it freely.
-
-    Why: a layer's filters do not count alike. A BatchNorm after a convolution rescales its output
-    channels by up to fourfold on EfficientNet-Lite0, and a classifier head's rows are logits of
-    classes that are predicted often or never. None where the layer's output is not seen."""
-    modules = dict(model.named_modules())
-    grads: dict[str, torch.Tensor] = {}
-    seen: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    for c in carriers:
-        owner, _, leaf = c.name.rpartition(".")
-        module = modules.get(owner)
-        if leaf != "weight" or module is None:
-            continue
-
-        def hook(mod: nn.Module, args: tuple, out: torch.Tensor, name: str = c.name) -> torch.Tensor:
-            if not isinstance(out, torch.Tensor) or out.shape[1 if out.dim() == 4 else -1] != mod.weight.shape[0]:
-                return out
-            if not out.requires_grad:
-                out = out.detach().requires_grad_(True)
-            out.retain_grad()
-            seen[name] = out
-            return out
-
-        hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    gen = torch.Generator().manual_seed(0)
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for part in _split(data):
-            seen.clear()
-            out = batches.call(model, part).float()
-            if output == "logits" and out.dim() == 2:
-                prob = out.softmax(-1).detach()
-                drawn = torch.multinomial(prob, 1, generator=gen).squeeze(1)
-                loss = out.log_softmax(-1).gather(1, drawn[:, None]).sum()
-            else:
-                loss = (out * torch.randn(out.shape, generator=gen)).sum()
-            loss.backward()
-            for name, y in seen.items():
-                if y.grad is not None:
-                    g = y.grad.double()
-                    g = g.transpose(0, 1).reshape(g.shape[1], -1) if g.dim() == 4 else g.reshape(-1, g.shape[-1]).T
-                    grads[name] = grads.get(name, 0) + (g * g).sum(1)
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
-        model.train(was_training)
-    result: list[np.ndarray | None] = []
-    for c in carriers:
-        g = grads.get(c.name)
-        if g is None or not bool((g > 0).any()):
-            result.append(None)
-            continue
-        g = g.numpy()
-        median = float(np.median(g[g > 0]))
-        w = 1.0 / np.clip(g, median / SENSITIVITY_RANGE, median * SENSITIVITY_RANGE)
-        result.append(w / w.mean())
-    return result
-
-
-def _split(data: Iterable[batches.Inputs]) -> Iterator[batches.Inputs]:
-    for batch in data:
-        yield from batches.chunks(batch, max(1, batches.size(batch) // BACKWARD_SPLIT))
-
-
 @torch.no_grad()
 def distortion(
     model: nn.Module,
@@ -250,7 +165,6 @@ def distortion(
     strength: float,
     inputs: batches.Inputs,
     cfg: EmbedConfig,
-    rows: list[np.ndarray | None] | None = None,
 ) -> list[float]:
     """Per candidate carrier, how far a mark there alone moves the model's outputs on `inputs` (the
     fidelity loss), for random bits under a throwaway key: ranks layers before the master's key
@@ -264,13 +178,12 @@ def distortion(
     reference = fidelity.outputs(model, inputs)
     key, rng = keys.generate(), np.random.default_rng(0)
     costs = []
-    for c, metric, w in zip(carriers, metrics, rows or [None] * len(carriers), strict=True):
+    for c, metric in zip(carriers, metrics, strict=True):
         weight = params[c.name]
         saved = weight.detach().clone()
         marked = {c.name: saved}
         bits = rng.integers(0, 2, c.bits).astype(np.float64)
-        maps = [carriers_mod.embedding_map(c.secret(key), metric, w)]
-        place(marked, [c], [c.secret(key)], [margin(saved, c, strength)], bits, maps=maps)
+        place(marked, [c], [c.secret(key)], [margin(saved, c, strength)], bits, metrics=[metric])
         weight.copy_(marked[c.name])
         costs.append(float(distance(fidelity.outputs(model, inputs), reference)))
         weight.copy_(saved)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from ...errors import BadInput
 from ...registry import Master
 from .align import TRIM, Located
-from .carriers import ROWS, Secret, embedding_map
+from .carriers import Secret, embedding_map
 
 # Relative ridge of the fit: numerical only. A ridge that shrinks (0.01) biases every coefficient and,
 # through the Gram matrix, every bit: on a plain filter-mean carrier it flipped bits of an intact copy.
@@ -41,8 +41,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def soft_bits(
-    found: Located, master_weight: np.ndarray, secret: Secret, margin: float, metric: np.ndarray | None = None,
-    row_weights: np.ndarray | None = None,
+    found: Located, master_weight: np.ndarray, secret: Secret, margin: float, metric: np.ndarray | None = None
 ) -> np.ndarray:
     """Each bit's statistic of the aligned difference to the master, in margins; NaN when nothing is left.
 
@@ -58,8 +57,8 @@ def soft_bits(
     known = ~np.isnan(delta)
     if not known.any():
         return np.full(secret.x.shape[0], np.nan)
-    placed = embedding_map(secret, metric, row_weights)
-    coef = _fit(np.where(known, delta, 0.0), known, placed.basis, placed.signs)
+    placed = embedding_map(secret, metric)
+    coef = _fit(np.where(known, delta, 0.0), known, placed.basis, secret.signs)
     return (placed.gram @ coef) / (math.sqrt(secret.x.shape[1]) * margin)
 
 
@@ -126,6 +125,6 @@ def extract(
         if loc is None:
             continue
         c = loc.carrier
-        metric, weights = (metrics or {}).get(c.name), (metrics or {}).get(ROWS + c.name)
-        soft[c.start : c.start + c.bits] = soft_bits(loc, master[c.name], c.secret(key), margin, metric, weights)
+        metric = (metrics or {}).get(c.name)
+        soft[c.start : c.start + c.bits] = soft_bits(loc, master[c.name], c.secret(key), margin, metric)
     return soft

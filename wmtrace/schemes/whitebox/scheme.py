@@ -103,7 +103,6 @@ class WhiteBox:
         if master.train is not None and cfg.placement == "activation":
             moment_inputs = master.train
         found: dict[str, np.ndarray | None] = {}
-        weighed: dict[str, np.ndarray | None] = {}
 
         def metrics(cands: list[Carrier]) -> list[np.ndarray | None]:
             todo = [c for c in cands if c.name not in found]
@@ -112,16 +111,8 @@ class WhiteBox:
                 found.update(zip([c.name for c in todo], computed, strict=True))
             return [found.get(c.name) for c in cands]
 
-        def rows(cands: list[Carrier]) -> list[np.ndarray | None]:
-            todo = [c for c in cands if c.name not in weighed]
-            if todo and moment_inputs is not None and cfg.row_weights:
-                computed = embed.output_sensitivity(model, todo, _inputs(moment_inputs, cfg.sensitivity_samples),
-                                                    cfg.output)
-                weighed.update(zip([c.name for c in todo], computed, strict=True))
-            return [weighed.get(c.name) for c in cands]
-
         def cost(cands: list[Carrier]) -> list[float]:
-            return embed.distortion(model, cands, metrics(cands), cfg.strength, probe, cfg, rows(cands))
+            return embed.distortion(model, cands, metrics(cands), cfg.strength, probe, cfg)
 
         chosen = carriers_mod.select(master.state, bits, options["carriers"], count=options["layers"], allowed=used,
                                      cost=cost if probe is not None else None)
@@ -131,15 +122,13 @@ class WhiteBox:
         if target and master.held_out is not None:
             samples = min(len(master.held_out), options.get("eval_samples") or CALIBRATION_SAMPLES,
                           CALIBRATION_SAMPLES)
-            calibration = calibrate.search(model, chosen, metrics(chosen), rows(chosen),
+            calibration = calibrate.search(model, chosen, metrics(chosen),
                                            lambda: _inputs(master.held_out, samples), target, cfg.strength,
                                            cfg.output, options.get("progress"))
             cfg = replace(cfg, strength=calibration.strength)
         margins = tuple(embed.margin(master.state[c.name], c, cfg.strength) for c in chosen)
         stored = {c.name: torch.from_numpy(mt) for c, mt in zip(chosen, metrics(chosen), strict=True)
                   if mt is not None}
-        stored |= {carriers_mod.ROWS + c.name: torch.from_numpy(w) for c, w in zip(chosen, rows(chosen), strict=True)
-                   if w is not None}
         return Config(tuple(chosen), margins, cfg, calibration).to_dict(), stored
 
     def issuer(self, master: MasterModel, m: Master, config: dict, key: bytes,
@@ -178,9 +167,7 @@ class Marker:
             if not stored:  # registered before the metric was stored with the master
                 inputs = _inputs(master.train, cfg.embed.moment_samples)
                 metrics = embed.input_moments(master.model, self.carriers, inputs, cfg.embed.ridge)
-        weights = [stored.get(carriers_mod.ROWS + c.name) for c in self.carriers]
-        self.maps = [carriers_mod.embedding_map(s, mt, w)
-                     for s, mt, w in zip(self.secrets, metrics, weights, strict=True)]
+        self.maps = [carriers_mod.embedding_map(s, mt) for s, mt in zip(self.secrets, metrics, strict=True)]
 
     def embed(self, model: nn.Module, bits: np.ndarray, seed: int, progress: StepProgress | None,
               scale: float = 1.0) -> None:
