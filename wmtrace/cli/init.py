@@ -74,11 +74,15 @@ def init(
     elif weights is None:
         fail("--weights is required for a master other than the bundled example")
     else:
-        m = api.init(reg, name, weights, model, data, carriers or None, bits, layers=layers, strength=strength,
-                     steps=repair_steps, placement=placement, output=output, loss=loss,
-                     scheme_names=[n.strip() for n in schemes.split(",") if n.strip()] if schemes is not None else None,
-                     bb_margin=bb_margin, bb_tilt=bb_tilt, fidelity_target=fidelity,
-                     progress=None if as_json else _trial_progress(output))
+        # Minutes on a real model (EfficientNet-Lite0: about 4 on two cores): say what is running; each
+        # trial of the strength search is printed as it is measured.
+        with err.status("registering: ranking carrier layers, placement moments, then the strength search"):
+            m = api.init(reg, name, weights, model, data, carriers or None, bits, layers=layers, strength=strength,
+                         steps=repair_steps, placement=placement, output=output, loss=loss,
+                         scheme_names=[n.strip() for n in schemes.split(",") if n.strip()]
+                         if schemes is not None else None,
+                         bb_margin=bb_margin, bb_tilt=bb_tilt, fidelity_target=fidelity,
+                         progress=None if as_json else _trial_progress(output))
     info = {
         "master": m.name,
         "factory": m.factory,
