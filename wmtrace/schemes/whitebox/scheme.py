@@ -82,6 +82,18 @@ def _inputs(ds, limit: int):
     return (x for x, _ in modelio.stream(ds, limit))
 
 
+def _calibrate(master: MasterModel, chosen: list[Carrier], metrics: list, cfg: embed.EmbedConfig,
+               options: dict) -> calibrate.Calibration | None:
+    """The strength search of `init --fidelity` (None without a target or held-out data): trial copies
+    on up to `CALIBRATION_SAMPLES` held-out inputs, the configured strength as the ceiling."""
+    target = options.get("fidelity")
+    if not target or master.held_out is None:
+        return None
+    samples = min(len(master.held_out), options.get("eval_samples") or CALIBRATION_SAMPLES, CALIBRATION_SAMPLES)
+    return calibrate.search(master.model, chosen, metrics, lambda: _inputs(master.held_out, samples), target,
+                            cfg.strength, cfg.output, options.get("progress"))
+
+
 class WhiteBox:
     name = NAME
     stage = 0
@@ -116,15 +128,8 @@ class WhiteBox:
 
         chosen = carriers_mod.select(master.state, bits, options["carriers"], count=options["layers"], allowed=used,
                                      cost=cost if probe is not None else None)
-        margins = tuple(embed.margin(master.state[c.name], c, cfg.strength) for c in chosen)
-        calibration = None
-        target = options.get("fidelity")
-        if target and master.held_out is not None:
-            samples = min(len(master.held_out), options.get("eval_samples") or CALIBRATION_SAMPLES,
-                          CALIBRATION_SAMPLES)
-            calibration = calibrate.search(model, chosen, metrics(chosen),
-                                           lambda: _inputs(master.held_out, samples), target, cfg.strength,
-                                           cfg.output, options.get("progress"))
+        calibration = _calibrate(master, chosen, metrics(chosen), cfg, options)
+        if calibration is not None:
             cfg = replace(cfg, strength=calibration.strength)
         margins = tuple(embed.margin(master.state[c.name], c, cfg.strength) for c in chosen)
         stored = {c.name: torch.from_numpy(mt) for c, mt in zip(chosen, metrics(chosen), strict=True)
