@@ -46,12 +46,12 @@ def test_crops_are_fixed_and_photographs_never_shared_between_splits():
 def test_a_copy_meets_its_target_and_is_named_after_pruning_and_int8(tmp_path):
     reg = api.open_registry(tmp_path / "reg", create=True)
     m = api.init(reg, "effnet", vision.weights(), "wmtrace.vision:build", "tests.smallvision:dataset",
-                 carriers=CARRIERS, bits=80, fidelity_target=0.97)
+                 carriers=CARRIERS, fidelity_target=0.95)
     assert "blackbox" not in m.config.schemes  # 224 x 224 inputs: the black-box scheme is not added by default
     cal = Config.of(m).calibration
-    assert cal.chosen.fidelity >= 0.97 and cal.chosen.robust
+    assert cal.chosen.fidelity >= 0.95 and cal.chosen.robust
     (b,) = api.issue(reg, buyers=1, out=tmp_path / "out")
-    assert b.agreement >= 0.97
+    assert b.agreement >= 0.95
     state = formats.load_tensors(b.file)
     leaked = attacks.quantize(attacks.prune({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, 0.8),
                               "int8")

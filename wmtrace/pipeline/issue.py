@@ -154,7 +154,14 @@ class _Run:
                 break
             scale /= math.sqrt(2.0)
         _gate(b, m)
-        _verify(self.reg, m, b, final, model)
+        try:
+            _verify(self.reg, m, b, final, model)
+        except SelfCheckFailed as e:
+            if scale == 1.0:
+                raise
+            raise SelfCheckFailed(f"{e}; the copy was marked at {scale:.2f} of the strength to meet the fidelity "
+                                  f"target {m.config.fidelity:g}: register the master again with a lower --fidelity"
+                                  ) from e
         if m.config.shards > 1:
             path = out / b.name
             formats.save_sharded(final, path, m.config.shards)
