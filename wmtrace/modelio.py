@@ -95,19 +95,14 @@ def tensors(ds: Dataset, limit: int | None = None) -> tuple[batches.Inputs, torc
     if isinstance(ds, TensorDataset):
         ts = [t[:limit] for t in ds.tensors]
         return ts[0], (ts[1] if len(ts) > 1 else None)
-    xs, ys, n = [], [], 0
-    for batch in DataLoader(ds, batch_size=512):
-        x, y = batches.split(batch)
+    xs, ys = [], []
+    for x, y in stream(ds, limit):  # bounded batches: 64 crops of 224 x 224 no longer load 512 first
         xs.append(x)
         if y is not None:
             ys.append(y)
-        n += batches.size(x)
-        if limit is not None and n >= limit:
-            break
     if not xs:
         raise BadInput("the data set is empty")
-    inputs = batches.take(batches.concat(xs), slice(0, limit))
-    return inputs, (torch.cat(ys)[:limit] if ys else None)
+    return batches.concat(xs), (torch.cat(ys) if ys else None)
 
 
 def stream(ds: Dataset, limit: int | None = None) -> Iterator[tuple[batches.Inputs, torch.Tensor | None]]:
