@@ -49,10 +49,10 @@ def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
     return inputs[index]
 
 
-def chunks(inputs: Inputs, step: int | None = None) -> Iterator[Inputs]:
-    """Inputs held in memory, in batches of `step` (default `rows`)."""
+def chunks(inputs: Inputs) -> Iterator[Inputs]:
+    """Inputs held in memory, in batches of `rows`."""
     n = size(inputs)
-    step = step or (rows(take(inputs, 0)) if n else 1)
+    step = rows(take(inputs, 0)) if n else 1
     for i in range(0, n, step):
         yield take(inputs, slice(i, i + step))
 
