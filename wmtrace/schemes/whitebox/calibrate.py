@@ -85,7 +85,7 @@ def search(
     model: nn.Module,
     carriers: list[Carrier],
     metrics: list[np.ndarray | None],
-    data: Callable[[], Iterable[batches.Inputs]],
+    data: Callable[[], Iterable[tuple[batches.Inputs, torch.Tensor | None]]],
     target: float,
     ceiling: float,
     output: str,
@@ -93,7 +93,7 @@ def search(
 ) -> Calibration:
     """The strongest strength in ceiling / sqrt(2)^k that meets `target` and is robust; BadInput,
     naming every trial, where the first strength to meet the target is not robust (weaker ones only
-    lose margin) or none above `MIN_STRENGTH` meets it. `data()` streams the held-out inputs anew."""
+    lose margin) or none above `MIN_STRENGTH` meets it. `data()` streams the held-out batches anew."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     reference = _outputs(model, data)
     key = keys.generate()  # a throwaway key: the master's own is made only once registration succeeds
@@ -148,8 +148,9 @@ def _refusal(target: float, trials: list[Trial]) -> str:
             "--strength S accepts a trade-off unchecked")
 
 
-def _outputs(model: nn.Module, data: Callable[[], Iterable[batches.Inputs]]) -> torch.Tensor:
-    return fidelity.stream_outputs(model, ((x, None) for x in data()))[0]
+def _outputs(model: nn.Module, data: Callable[[], Iterable[tuple[batches.Inputs, torch.Tensor | None]]]
+             ) -> torch.Tensor:
+    return fidelity.stream_outputs(model, data())[0]
 
 
 def _prune_threshold(state: dict[str, torch.Tensor]) -> float:

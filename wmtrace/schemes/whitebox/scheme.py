@@ -90,7 +90,7 @@ def _calibrate(master: MasterModel, chosen: list[Carrier], metrics: list, cfg: e
     if not target or master.held_out is None:
         return None
     samples = min(len(master.held_out), options.get("eval_samples") or CALIBRATION_SAMPLES, CALIBRATION_SAMPLES)
-    return calibrate.search(master.model, chosen, metrics, lambda: _inputs(master.held_out, samples), target,
+    return calibrate.search(master.model, chosen, metrics, lambda: modelio.stream(master.held_out, samples), target,
                             cfg.strength, cfg.output, options.get("progress"))
 
 
