@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import sys
 from pathlib import Path
 
 import torch
@@ -128,9 +127,6 @@ def dataset(split: str) -> TokenDataset:
 
 
 if __name__ == "__main__":  # `python -m wmtrace.minilm weights` prints the bundled weights' path
-    if sys.argv[1:] != ["weights"]:
-        sys.exit("usage: python -m wmtrace.minilm weights")
-    try:
-        print(weights())
-    except BadInput as e:
-        sys.exit(f"error: {e}")
+    from .modelio import weights_command
+
+    weights_command("wmtrace.minilm", weights)

@@ -41,6 +41,17 @@ def import_object(spec: str) -> Callable:
     return obj
 
 
+def weights_command(module: str, weights: Callable[[], Path]) -> None:
+    """`python -m MODULE weights`, the bundled examples' one command: print where the weights a
+    package ships are, or one line saying what is missing."""
+    if sys.argv[1:] != ["weights"]:
+        sys.exit(f"usage: python -m {module} weights")
+    try:
+        print(weights())
+    except BadInput as e:
+        sys.exit(f"error: {e}")
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 of a file, or of a sharded folder's files in name order (names included)."""
     h = hashlib.sha256()

@@ -151,10 +151,7 @@ def dataset(split: str) -> Crops:
     return Crops(split)
 
 
-if __name__ == "__main__":  # `python -m wmtrace.vision weights` prints the bundled checkpoint's path
-    if sys.argv[1:] != ["weights"]:
-        sys.exit("usage: python -m wmtrace.vision weights")
-    try:
-        print(weights())
-    except BadInput as e:
-        sys.exit(f"error: {e}")
+if __name__ == "__main__":  # `python -m wmtrace.vision weights` prints the bundled weights' path
+    from .modelio import weights_command
+
+    weights_command("wmtrace.vision", weights)
