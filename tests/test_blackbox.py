@@ -61,7 +61,9 @@ def test_an_unmarked_models_bits_are_fair_coins(issued, other_master_file):
     with open_target(str(other_master_file), reveal="top1", factory=FACTORY) as t:
         soft = plan.read(t.answer(plan.inputs[:256]), "top1")
     known = soft[~np.isnan(soft)]
-    assert len(known) > 200 and abs(float(np.mean(known > 0)) - 0.5) < 5 * 0.5 / np.sqrt(len(known))
+    # An independent model answers one of a query's two classes on ~80% of queries (199 and 213 of 256
+    # measured on two machines: the fixture trains it afresh); 150 known bits are plenty for the coin test.
+    assert len(known) > 150 and abs(float(np.mean(known > 0)) - 0.5) < 5 * 0.5 / np.sqrt(len(known))
     words = codes.codewords(key, m.name, np.arange(10_000), m.config.code)
     z = accuse.scores(soft, words, m.config.code)
     assert z.max() < accuse.threshold(10_000, 1e-6)
