@@ -56,17 +56,26 @@ def _onnx(state: dict[str, torch.Tensor], texts: dict, path: Path) -> float:
     return float(F.cosine_similarity(torch.from_numpy(ours[0]), fidelity.outputs(model, texts)).mean())
 
 
-def finetune(state: dict[str, torch.Tensor], steps: int, lr: float, seed: int = 0) -> dict[str, torch.Tensor]:
+def finetune(state: dict[str, torch.Tensor], steps: int, lr: float, seed: int = 0, optimizer: str = "adamw",
+             weight_decay: float | None = None, last: int = 0, callback=None) -> dict[str, torch.Tensor]:
     """What a buyer adapting the encoder to their own texts does: unsupervised SimCSE (each text
-    twice through the model with dropout on, in-batch negatives, temperature 0.05), AdamW, batch 32,
-    on the training fortunes; no regularizer."""
+    twice through the model with dropout on, in-batch negatives, temperature 0.05), batch 32, on the
+    training fortunes; no regularizer. AdamW (PyTorch's decay 0.01) unless `optimizer` says otherwise
+    (`attacks.OPTIMIZERS`); `last` > 0 tunes only the last `last` weight matrices on;
+    `callback(step, state)` sees the state after each step."""
     model = minilm.build()
     model.load_state_dict(state, strict=False)
     model.train()
     ds = minilm.dataset("train")
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(steps):
+    params = attacks.last_layers(model, last) if last else list(model.parameters())
+    opt = attacks.make_optimizer(params, lr, optimizer, weight_decay)
+
+    def whole() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()} | {
+            k: v for k, v in state.items() if k not in model.state_dict()}
+
+    for step in range(steps):
         idx = torch.randint(len(ds), (32,), generator=g)
         batch = {"input_ids": ds.input_ids[idx], "attention_mask": ds.attention_mask[idx]}
         a, b = model(**batch), model(**batch)
@@ -74,8 +83,9 @@ def finetune(state: dict[str, torch.Tensor], steps: int, lr: float, seed: int = 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()} | {
-        k: v for k, v in state.items() if k not in model.state_dict()}
+        if callback is not None:
+            callback(step + 1, whole)
+    return whole()
 
 
 def _attacks(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:

@@ -44,16 +44,16 @@ from .prune_filters import prune_filters
 from .quantize import QUANT_MODES, SCALE_SUFFIX, dequantize, quantize
 from .serving import Predict, ServingAttack, file_predict
 from .shift import shift
-from .trainer import Trainer
+from .trainer import OPTIMIZERS, Trainer, last_layers, make_optimizer
 from .transfer import COARSE_GROUPS, TRANSFER_TUNE, task_accuracy, transfer
 
 __all__ = [
-    "ATTACKS", "BN_PARAMS", "COARSE_GROUPS", "COLLUDE_HOW", "PROJECT_PARTS", "PRUNE_MODES", "QUANT_MODES",
-    "SCALE_SUFFIX", "SERVING_ATTACKS", "TRANSFER_TUNE", "Attack", "Hidden", "Param", "Predict", "ServingAttack",
-    "State", "Trainer", "apply", "center", "check", "collude", "dequantize", "distill", "file_predict", "finetune",
-    "get", "hidden_layers", "noise", "overwrite", "permute", "permute_attention", "project", "prunable", "prune",
-    "prune_filters", "prune_global", "quantize", "serve", "serve_attack", "served", "shift", "task_accuracy",
-    "transfer", "widths",
+    "ATTACKS", "BN_PARAMS", "COARSE_GROUPS", "COLLUDE_HOW", "OPTIMIZERS", "PROJECT_PARTS", "PRUNE_MODES",
+    "QUANT_MODES", "SCALE_SUFFIX", "SERVING_ATTACKS", "TRANSFER_TUNE", "Attack", "Hidden", "Param", "Predict",
+    "ServingAttack", "State", "Trainer", "apply", "center", "check", "collude", "dequantize", "distill",
+    "file_predict", "finetune", "get", "hidden_layers", "last_layers", "make_optimizer", "noise", "overwrite",
+    "permute", "permute_attention", "project", "prunable", "prune", "prune_filters", "prune_global", "quantize",
+    "serve", "serve_attack", "served", "shift", "task_accuracy", "transfer", "widths",
 ]
 
 

@@ -36,7 +36,8 @@ def print_trace(r) -> None:
     if r.master:
         out.print(f"  master: {r.master}")
     for c in r.carriers:
-        out.print(f"  carrier {c['carrier']} found as {c['found_as']} (similarity {c['similarity']:.3f})")
+        how = " by name and shape only" if c.get("found_by") == "name" else ""
+        out.print(f"  carrier {c['carrier']} found as {c['found_as']}{how} (similarity {c['similarity']:.3f})")
     if r.colluders:
         out.print(f"  {r.reason}")
         for c in r.colluders:

@@ -40,6 +40,10 @@ class TraceResult:
     carriers: list[dict] = field(default_factory=list)
     reason: str = ""
     queries: int | None = None  # answers read (`query` only)
+    # The highest score of any issued buyer's codeword, and the score the bound asks for: how far a mark
+    # too weak to accuse anyone is from being evidence (None where no bits were read).
+    best_score: float | None = None
+    score_threshold: float | None = None
 
     @property
     def exit_code(self) -> int:
@@ -137,6 +141,9 @@ def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spe
     ids = sorted(issued)
     words = codes.codewords(key, master, ids, spec)
     accused = accuse.accuse(soft, words, spec, max_false_positive)
+    z = accuse.scores(soft, words, spec)
+    result.best_score = round(float(z.max()), 3) if len(z) else None
+    result.score_threshold = round(accuse.threshold(len(ids), max_false_positive), 3)
     if decoded is not None and {ids[a.index] for a in accused} <= {decoded.buyer_id}:
         b = issued[decoded.buyer_id]
         result.verdict = IDENTIFIED
@@ -147,7 +154,7 @@ def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spe
         result.false_positive_probability = decoded.false_positive_probability
         return
     if decoded is None and not accused:
-        result.reason = "no registered buyer's codeword decodes from the extracted bits or scores above the threshold"
+        result.reason = _too_weak(result, soft)
         return
     # Several buyers' marks, or one too weak to decode: accuse by score.
     result.verdict = COLLUDERS
@@ -167,6 +174,28 @@ def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spe
         if len(result.colluders) > 1
         else "one buyer's codeword agrees with the extracted bits, too weakly to decode"
     )
+
+
+def _too_weak(result: TraceResult, soft: np.ndarray) -> str:
+    """Why nobody is named although bits were read: the evidence is there but too weak, and how weak."""
+    known = int(np.count_nonzero(~np.isnan(soft)))
+    where = _where(result.carriers)
+    score = "" if result.best_score is None else (
+        f"; the best buyer's score is {result.best_score:.2f}, the bound needs {result.score_threshold:.2f}")
+    return (f"{where}, but no buyer's mark is strong enough to name anyone: no codeword decodes from "
+            f"the {known} bits read{score}")
+
+
+def _where(carriers: list[dict]) -> str:
+    by_name = [c for c in carriers if c.get("found_by") == "name"]
+    if not carriers:  # `query`: answers, no weights
+        return "the answers were read"
+    if not by_name:
+        return "the master's carriers are present"
+    sims = [c["similarity"] for c in by_name]
+    return (f"the master's carriers are present by name and shape ({len(by_name)} of {len(carriers)}; their "
+            f"filters' similarity to the master {min(sims):.2f}-{max(sims):.2f}: retrained, or another "
+            "model of the same architecture)")
 
 
 def trace(

@@ -51,6 +51,10 @@ class Located:
     source: str  # the tensor's name in the leaked file
     similarity: float  # mean |cosine| of matched filters, before alignment
     weight: np.ndarray  # aligned to the master: rows x dim, NaN where the leaked weight is gone
+    # Taken by its name and shape alone: its filters no longer resemble the master's (similarity below
+    # MATCH_THRESHOLD), as after fine-tuning that re-learns the layer, or in an unrelated model of the
+    # same architecture. Its bits are still read: fair coins if the mark is gone, evidence if it is not.
+    by_name: bool = False
 
 
 def _orientations(shape: tuple[int, ...], carrier: Carrier) -> list[bool]:
@@ -308,7 +312,8 @@ def _same_place(
 def locate(
     tensors: Mapping[str, np.ndarray], master: Mapping[str, np.ndarray], carriers: list[Carrier]
 ) -> list[Located | None]:
-    """Best-matching leaked tensor per carrier (None when nothing matches), aligned to the master.
+    """Best-matching leaked tensor per carrier, aligned to the master; when no tensor matches, the one
+    with the carrier's name and shape (`Located.by_name`), else None.
 
     Only tensors whose shape could hold the carrier are read, one at a time, and only the best so
     far is kept: a lazily read file (`formats.open_tensors`) is never held in memory whole.
@@ -318,7 +323,8 @@ def locate(
     taken: set[str] = set()
     for c in carriers:
         ref = master[c.name].astype(np.float64).reshape(c.shape[0], c.shape[1], -1)
-        best: tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None = _same_place(tensors, shapes, c, ref, taken)
+        same = _same_place(tensors, shapes, c, ref, taken)
+        best: tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None = same
         if best is None or best[0] <= IDENTITY_SCORE:  # else the carrier's name, in its order: no search
             ranked = []  # (quick score, name, view index): only scores are kept, views are read again
             ref_gram = _kernel_gram(ref) if ref.shape[2] > 1 else None
@@ -333,12 +339,13 @@ def locate(
                 rows, cols, score = _match(view, ref)
                 if best is None or score > best[0]:
                     best = (score, name, view, rows, cols)
-        if best is None or best[0] < MATCH_THRESHOLD:
+        by_name = best is None or best[0] < MATCH_THRESHOLD
+        if by_name and same is None:
             found.append(None)
             continue
-        score, name, view, rows, cols = best
+        score, name, view, rows, cols = same if by_name else best
         taken.add(name)
         aligned = _gather(view, rows, cols)
         aligned = np.where(aligned == 0.0, np.nan, aligned)
-        found.append(Located(c, name, score, _rescale(aligned, ref)))
+        found.append(Located(c, name, score, _rescale(aligned, ref), by_name))
     return found

@@ -146,8 +146,8 @@ class WhiteBox:
         found = locate(evidence, arrays, list(cfg.carriers))
         if all(f is None for f in found):
             return None
-        report = [{"carrier": f.carrier.name, "found_as": f.source, "similarity": round(f.similarity, 4)}
-                  for f in found if f is not None]
+        report = [{"carrier": f.carrier.name, "found_as": f.source, "similarity": round(f.similarity, 4),
+                   "found_by": "name" if f.by_name else "match"} for f in found if f is not None]
         score = sum(f.similarity for f in found if f is not None) / len(found)
         return Located(score, (found, arrays), report)
 
