@@ -154,7 +154,7 @@ def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spe
         result.false_positive_probability = decoded.false_positive_probability
         return
     if decoded is None and not accused:
-        result.reason = _too_weak(result, soft)
+        result.reason = _too_weak(result, soft, words[int(np.argmax(z))] if len(z) else None)
         return
     # Several buyers' marks, or one too weak to decode: accuse by score.
     result.verdict = COLLUDERS
@@ -176,14 +176,18 @@ def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spe
     )
 
 
-def _too_weak(result: TraceResult, soft: np.ndarray) -> str:
-    """Why nobody is named although bits were read: the evidence is there but too weak, and how weak."""
-    known = int(np.count_nonzero(~np.isnan(soft)))
+def _too_weak(result: TraceResult, soft: np.ndarray, nearest: np.ndarray | None) -> str:
+    """Why nobody is named although bits were read: the evidence is there but too weak, and how weak
+    (the best-scoring codeword's disagreements and score; its buyer is not named: that is no evidence)."""
+    known = ~np.isnan(soft)
     where = _where(result.carriers)
-    score = "" if result.best_score is None else (
-        f"; the best buyer's score is {result.best_score:.2f}, the bound needs {result.score_threshold:.2f}")
-    return (f"{where}, but no buyer's mark is strong enough to name anyone: no codeword decodes from "
-            f"the {known} bits read{score}")
+    if nearest is None or result.best_score is None:
+        return f"{where}, but no buyer is registered to compare the {int(known.sum())} bits read with"
+    bits = np.unpackbits(nearest.astype(np.uint8))
+    errors = int(np.count_nonzero((soft[known] > 0) != bits[known].astype(bool)))
+    return (f"{where}, but no buyer's mark is strong enough to name anyone: the nearest codeword differs in "
+            f"{errors} of the {int(known.sum())} bits read (decoding corrects far fewer), and its score is "
+            f"{result.best_score:.2f} where the bound needs {result.score_threshold:.2f}")
 
 
 def _where(carriers: list[dict]) -> str:
