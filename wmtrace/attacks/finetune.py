@@ -32,12 +32,13 @@ ATTACK = Attack(
         Param("strength", float, 1.0, "Epochs of fine-tuning (fractions allowed)"),
         Param("lr", float, 0.05, "Learning rate (constant)"),
         Param("optimizer", str, "sgd", "sgd (Nesterov momentum 0.9), adam or adamw", choices=OPTIMIZERS),
-        Param("weight_decay", float, -1.0, "Weight decay (negative: the optimizer's usual, 5e-4 / 0 / 0.01)"),
+        Param("weight_decay", float, None, "Weight decay [default: the optimizer's usual, 5e-4 / 0 / 0.01]",
+              flag="--weight-decay"),
         Param("augment", bool, False, "Flip and shift images by up to 2 pixels"),
         Param("last", int, 0, "Tune only the last N layers with weights (0: all)"),
         seed_param(),
     ),
     run=lambda state, trainer, report, strength, lr, optimizer, weight_decay, augment, last, seed: finetune(
-        state, strength, trainer, lr, optimizer, None if weight_decay < 0 else weight_decay, augment, last),
+        state, strength, trainer, lr, optimizer, weight_decay, augment, last),
     needs_data=True,
 )
