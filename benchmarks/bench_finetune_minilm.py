@@ -36,12 +36,13 @@ from wmtrace.pipeline.trace import trace_tensors  # noqa: E402
 
 # (optimizer, lr, weight decay (None: the optimizer's usual), last layers (0: all), steps of batch 32)
 GRID = [
-    ("adamw", 2e-5, None, 0, [50, 200, 400]),
-    ("adamw", 1e-4, None, 0, [50, 200, 400]),
+    ("adamw", 2e-5, None, 0, [50, 200]),
+    ("adamw", 1e-4, None, 0, [50, 200]),
     ("adamw", 1e-4, 0.1, 0, [50, 200]),
-    ("adamw", 5e-4, None, 0, [50, 200]),
     ("adam", 1e-4, None, 0, [50, 200]),
+    ("adamw", 5e-4, None, 0, [50, 200]),
     ("adamw", 5e-4, None, 2, [50, 200]),
+    ("adamw", 2e-5, None, 0, [5, 10, 20]),  # the gentlest: the only steps within the budget
 ]
 TEXTS = 512
 
