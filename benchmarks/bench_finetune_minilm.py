@@ -4,11 +4,12 @@ people use for sentence-transformers (AdamW at 2e-5 to 1e-4) and higher, against
     OMP_NUM_THREADS=1 python benchmarks/bench_finetune_minilm.py [--workers 2] [--settings 0,2]
 
 `api.init` (the default fidelity target) and `api.issue` of two buyers, then each setting of `GRID` is
-one SimCSE run (`bench_minilm.finetune`, batch 32) on buyer 1's copy with snapshots at its step
-counts (a step is 2-4 s on one core: the grid is short). At each: the tuned encoder's mean cosine to the master's embeddings and top-1 retrieval
-agreement with the master, on 512 held-out fortunes, next to the copy's own (the budget: within 0.01 of
-the copy's cosine, 1 point of its retrieval agreement); the verdict; the leaker's score against the one
-the bound needs. Writes benchmarks/results/finetune_minilm.json.
+one SimCSE run (`bench_minilm.finetune`, batch 32) on buyer 1's copy with snapshots at its step counts
+(a step is 2-4 s on one core: the grid is short). At each: the tuned encoder's mean cosine to the
+master's embeddings and top-1 retrieval agreement with the master, on 512 held-out fortunes, next to the
+copy's own (the budget: within 0.01 of the copy's cosine, 1 point of its retrieval agreement); the
+verdict; the leaker's score against the one the bound needs.
+Writes benchmarks/results/finetune_minilm.json.
 """
 
 from __future__ import annotations
