@@ -3,6 +3,7 @@ which it was (the mark gone, or there but too weak), never "not found" for a lay
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,7 +14,7 @@ from wmtrace import api, attacks, example, formats
 from wmtrace.attacks.trainer import flip_and_shift, last_layers
 from wmtrace.cli import app
 from wmtrace.errors import BadInput
-from wmtrace.schemes.whitebox import Config
+from wmtrace.schemes.whitebox import Config, scales
 
 runner = CliRunner()
 
@@ -131,3 +132,21 @@ def test_bad_finetune_settings_are_refused(issued, trainer):
         last_layers(example.build(), 99)
     with pytest.raises(BadInput, match="weight decay"):
         attacks.finetune(state, 0.01, trainer, lr=1e-3, optimizer="adamw", weight_decay=-1)
+
+
+def test_channel_scales_are_fitted_only_where_they_fit(issued):
+    """Rescaling across ReLU is undone; a re-learned layer's drift is not mistaken for channel scales."""
+    root, _ = issued
+    with api.open_registry(root / "registry") as reg:
+        m = reg.master("small")
+        name = _carriers(root)[0]
+        w = load_file(str(m.weights))[name].double().numpy()
+    w = w.reshape(w.shape[0], w.shape[1], -1)
+    g = np.random.default_rng(0)
+    rescaled = w * np.exp(g.normal(0, 0.5, w.shape[1]))[None, :, None] * 3.0
+    back = scales.rescale(rescaled, w).reshape(w.shape)
+    assert np.allclose(back, w, rtol=1e-4, atol=1e-7)
+    filters_only = scales._fit_scales(rescaled, w, False).reshape(w.shape)
+    assert np.abs(filters_only - w).max() > 100 * np.abs(back - w).max()
+    drifted = _drown(torch.from_numpy(w), 3.0, 0).numpy()
+    assert np.array_equal(scales.rescale(drifted, w), scales._fit_scales(drifted, w, False))
