@@ -29,7 +29,7 @@ from torch.utils.data import TensorDataset
 from wmtrace import api, attacks, example, fidelity, formats
 from wmtrace.data import MEAN, STD, load_fashion_mnist
 from wmtrace.pipeline.trace import trace_tensors
-from wmtrace.schemes.whitebox import Config, align
+from wmtrace.schemes.whitebox import Config, align, scales
 from wmtrace.schemes.whitebox.extract import extract, master_arrays
 
 # Sweeps of the training attacks (each point is a full training run except fine-tuning, whose points are
@@ -76,7 +76,7 @@ class Bench:
                 rows = ~np.isnan(delta).all(1)
                 if rows.any():
                     per_row = (np.nan_to_num(delta[rows]) @ secret.x.T) * secret.signs[:, rows].T
-                    soft[c.start : c.start + c.bits] = align.robust_mean_rows(per_row)
+                    soft[c.start : c.start + c.bits] = scales.robust_mean_rows(per_row)
         known = ~np.isnan(soft)
         if not known.any():
             return float("nan"), int(len(soft)), float("nan")
@@ -339,7 +339,7 @@ def main() -> None:
     meta = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.python_version()}, "
         f"torch {torch.__version__}, 1 thread", "master_accuracy": m.accuracy, "buyers_registered": 3,
-        "leaker": buyers[0].id, "trim": align.TRIM, "seconds": round(time.time() - t0, 1),
+        "leaker": buyers[0].id, "trim": scales.TRIM, "seconds": round(time.time() - t0, 1),
         "wrong_buyer_total": sum(r["wrong_buyer"] for r in rows),
     }
     (args.out / "robustness.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

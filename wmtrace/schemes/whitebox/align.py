@@ -1,15 +1,16 @@
 """Find a master's carrier tensors in a leaked file and bring them back to the master's layout.
 
-Names are not trusted (exporters rename), so a carrier is found by kernel shape and by how closely
-the candidate's filters match the master's. A buyer copy descends from the master, so its filters
-stay close: filters and input channels are matched with linear assignment, alternating between the
-two (undoing permutations of the layer's channels and of the layer feeding it; rectangular, so
-dummy channels stay unmatched and pruned ones become missing). Each filter and each input channel
-gets its own scale (undoing BatchNorm folded into the weights on ONNX export, or rescaling across
-ReLU). Weights that are exactly zero are treated as missing (pruned), never as values; so are
-NaN and infinite weights, which carry no information (a leaker may blank part of a carrier with them).
-Every tensor of a carrier's shape is a candidate; a cheap score (`_quick`) ranks them all and only
-the best `MAX_CANDIDATES` get the full match, so decoys cost little each.
+Names are not trusted (exporters rename), so a carrier is found by kernel shape and by how closely the
+candidate's filters match the master's. A buyer copy descends from the master, so its filters stay
+close: filters and input channels are matched with linear assignment, alternating between the two
+(undoing permutations of the layer's channels and of the layer feeding it; rectangular, so dummy
+channels stay unmatched and pruned ones become missing); `scales.rescale` then undoes BatchNorm folded
+into the weights on ONNX export and rescaling across ReLU. A carrier no tensor matches (a layer that
+fine-tuning re-learned) is still read where a tensor has its name and shape. Weights that are exactly
+zero are treated as missing (pruned), never as values; so are NaN and infinite weights, which carry no
+information (a leaker may blank part of a carrier with them). Every tensor of a carrier's shape is a
+candidate; a cheap score (`_quick`) ranks them all and only the best `MAX_CANDIDATES` get the full
+match, so decoys cost little each.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .carriers import Carrier
-from .scales import TRIM, rescale, robust_mean_rows  # noqa: F401 (TRIM, robust_mean_rows: re-exported)
+from .scales import rescale
 
 # Mean |cosine| between matched filters above which a tensor counts as this master's carrier.
 # Buyer copies score > 0.9; independently trained models of the same architecture score far lower.

@@ -14,8 +14,9 @@ from safetensors import safe_open
 
 from ...errors import BadInput
 from ...registry import Master
-from .align import TRIM, Located
+from .align import Located
 from .carriers import Secret, embedding_map
+from .scales import TRIM
 
 # Relative ridge of the fit: numerical only. A ridge that shrinks (0.01) biases every coefficient and,
 # through the Gram matrix, every bit: on a plain filter-mean carrier it flipped bits of an intact copy.
