@@ -141,3 +141,28 @@ def naive_buyer(reg: Registry, m: Master, buyer_id: int, train, held_out, lr: fl
     if keep_state:
         return figures, {k: v.detach().clone() for k, v in model.state_dict().items()}
     return figures
+
+
+def verdict_row(reg: Registry, m: Master, tensors: dict[str, np.ndarray], leaker: int) -> dict:
+    """What a fine-tuning benchmark records of one snapshot: the verdict `trace` gives, who was named,
+    and the evidence left: the leaker's score, the highest innocent's and the score the bound (1e-6)
+    needs, with the soft bits read as `trace` reads them (every scheme located, extracted, combined)."""
+    from wmtrace import schemes
+    from wmtrace.coding import accuse
+    from wmtrace.pipeline.trace import trace_tensors
+
+    key, spec = reg.key(m.name), m.config.code
+    ids = sorted(b.id for b in reg.buyers(m.name) if b.status == "issued")
+    r = trace_tensors(tensors, reg, "snapshot")
+    who = named(r)
+    located = {n: schemes.get(n).locate(tensors, m, c) for n, c in m.config.schemes.items()}
+    soft = accuse.combine([schemes.get(n).extract(loc, m, m.config.schemes[n], key, spec.bits, reg.stored(m))
+                           for n, loc in located.items() if loc is not None])
+    z = accuse.scores(soft, codes.codewords(key, m.name, ids, spec), spec)
+    return {
+        "verdict": r.verdict, "named": sorted(who), "right": who == {leaker}, "wrong_buyer": bool(who - {leaker}),
+        "bit_errors": r.bit_errors, "z_buyer": round(float(z[ids.index(leaker)]), 2),
+        "z_innocent_max": round(float(np.delete(z, ids.index(leaker)).max()), 2) if len(ids) > 1 else None,
+        "z_needed": round(accuse.threshold(len(ids), 1e-6), 2),
+        "carriers": [{k: c[k] for k in ("carrier", "similarity", "found_by")} for c in r.carriers],
+    }

@@ -22,14 +22,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import _common
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from wmtrace import api, attacks, example, schemes
-from wmtrace.coding import accuse, codes
+from wmtrace import api, attacks, example
 from wmtrace.data import load_fashion_mnist
-from wmtrace.pipeline.trace import trace_tensors
 
 # (optimizer, lr, weight decay (None: the optimizer's usual), augment, last layers (0: all), epochs)
 GRID = [
@@ -58,9 +55,6 @@ def run_setting(registry: str, leaker: int, setting: tuple) -> list[dict]:
     reg = api.open_registry(registry)
     b = next(x for x in reg.buyers(api.EXAMPLE_MASTER) if x.id == leaker)
     m = reg.master(b.master)
-    key, spec = reg.key(m.name), m.config.code
-    ids = sorted(x.id for x in reg.buyers(m.name) if x.status == "issued")
-    words = codes.codewords(key, m.name, ids, spec)
     state = load_file(b.file)
     x, y = load_fashion_mnist("test")
     copy_acc = _common.example_accuracy(state, x, y)
@@ -74,23 +68,12 @@ def run_setting(registry: str, leaker: int, setting: tuple) -> list[dict]:
             return
         s = {k: v.detach().clone() for k, v in model.state_dict().items()}
         tensors = {k: v.numpy() for k, v in s.items()}
-        r = trace_tensors(tensors, reg, "snapshot")
-        named = _common.named(r)
-        located = {n: schemes.get(n).locate(tensors, m, c) for n, c in m.config.schemes.items()}
-        soft = accuse.combine([schemes.get(n).extract(loc, m, m.config.schemes[n], key, spec.bits, reg.stored(m))
-                               for n, loc in located.items() if loc is not None])
-        z = accuse.scores(soft, words, spec)
         acc = _common.example_accuracy(s, x, y)
         rows.append({
             "setting": setting_name(setting), "optimizer": opt, "lr": lr, "weight_decay": wd, "augment": aug,
             "last": last, "epochs": marks[step], "accuracy": round(acc, 4), "copy_accuracy": round(copy_acc, 4),
-            "drop_points": round(100 * (copy_acc - acc), 2), "verdict": r.verdict, "named": sorted(named),
-            "right": named == {leaker}, "wrong_buyer": bool(named - {leaker}), "bit_errors": r.bit_errors,
-            "z_buyer": round(float(z[ids.index(leaker)]), 2),
-            "z_innocent_max": round(float(np.delete(z, ids.index(leaker)).max()), 2) if len(ids) > 1 else None,
-            "z_needed": round(accuse.threshold(len(ids), 1e-6), 2),
-            "carriers": [{k: c[k] for k in ("carrier", "similarity", "found_by")} for c in r.carriers],
-            "seconds": round(time.perf_counter() - t0, 1),
+            "drop_points": round(100 * (copy_acc - acc), 2),
+            **_common.verdict_row(reg, m, tensors, leaker), "seconds": round(time.perf_counter() - t0, 1),
         })
         print(json.dumps(rows[-1]), flush=True)
         model.train()

@@ -23,7 +23,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -31,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _common  # noqa: E402
 import bench_minilm  # noqa: E402
 
-from wmtrace import api, fidelity, minilm, schemes  # noqa: E402
-from wmtrace.coding import accuse, codes  # noqa: E402
-from wmtrace.pipeline.trace import trace_tensors  # noqa: E402
+from wmtrace import api, fidelity, minilm  # noqa: E402
 
 # (optimizer, lr, weight decay (None: the optimizer's usual), last layers (0: all), steps of batch 32)
 GRID = [
@@ -62,9 +59,6 @@ def run_setting(registry: str, leaker: int, setting: tuple) -> list[dict]:
     reg = api.open_registry(registry)
     m = reg.master("minilm")
     b = next(x for x in reg.buyers(m.name) if x.id == leaker)
-    key, spec = reg.key(m.name), m.config.code
-    ids = sorted(x.id for x in reg.buyers(m.name) if x.status == "issued")
-    words = codes.codewords(key, m.name, ids, spec)
     ds = minilm.dataset("test")
     texts = {"input_ids": ds.input_ids[:TEXTS], "attention_mask": ds.attention_mask[:TEXTS]}
     reference = _embeddings(load_file(str(m.weights)), texts)
@@ -78,25 +72,13 @@ def run_setting(registry: str, leaker: int, setting: tuple) -> list[dict]:
             return
         s = whole()
         tensors = {k: v.numpy() for k, v in s.items()}
-        r = trace_tensors(tensors, reg, "snapshot")
-        named = _common.named(r)
-        located = {n: schemes.get(n).locate(tensors, m, c) for n, c in m.config.schemes.items()}
-        soft = accuse.combine([schemes.get(n).extract(loc, m, m.config.schemes[n], key, spec.bits, reg.stored(m))
-                               for n, loc in located.items() if loc is not None])
-        z = accuse.scores(soft, words, spec)
         cos, agree = fidelity.embedding_fidelity(_embeddings(s, texts), reference)
         rows.append({
             "setting": setting_name(setting), "optimizer": opt, "lr": lr, "weight_decay": wd, "last": last,
             "steps": step, "cosine": round(cos, 6), "copy_cosine": round(copy_cos, 6),
             "retrieval_agreement": round(agree, 4), "copy_retrieval_agreement": round(copy_agree, 4),
             "in_budget": copy_cos - cos <= 0.01 and copy_agree - agree <= 0.01,
-            "verdict": r.verdict, "named": sorted(named), "right": named == {leaker},
-            "wrong_buyer": bool(named - {leaker}), "bit_errors": r.bit_errors,
-            "z_buyer": round(float(z[ids.index(leaker)]), 2),
-            "z_innocent_max": round(float(np.delete(z, ids.index(leaker)).max()), 2) if len(ids) > 1 else None,
-            "z_needed": round(accuse.threshold(len(ids), 1e-6), 2),
-            "carriers": [{k: c[k] for k in ("carrier", "similarity", "found_by")} for c in r.carriers],
-            "seconds": round(time.perf_counter() - t0, 1),
+            **_common.verdict_row(reg, m, tensors, leaker), "seconds": round(time.perf_counter() - t0, 1),
         })
         print(json.dumps(rows[-1]), flush=True)
 
