@@ -21,6 +21,8 @@ from .scales import TRIM
 # Relative ridge of the fit: numerical only. A ridge that shrinks (0.01) biases every coefficient and,
 # through the Gram matrix, every bit: on a plain filter-mean carrier it flipped bits of an intact copy.
 RIDGE = 1e-6
+# The most a filter may weigh in the fit's second pass, in units of the median filter (`_fit`).
+MAX_WEIGHT = 10.0
 
 
 def master_arrays(m: Master, names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -84,7 +86,9 @@ def _fit(delta: np.ndarray, known: np.ndarray, basis: np.ndarray, signs: np.ndar
         resid = np.where(known, delta - (signs.T * coef) @ basis.T, 0.0)
         err = (resid**2).sum(1) / np.maximum(known.sum(1), 1)
         use = known.any(1) & (err <= np.quantile(err[known.any(1)], 1.0 - TRIM))
-        weight = np.sqrt(np.median(err[use]) / np.maximum(err, 1e-30))[:, None]
+        # No filter counts more than MAX_WEIGHT typical ones: one that fits by chance (a few weights
+        # left after pruning) must not carry the fit alone.
+        weight = np.sqrt(np.minimum(np.median(err[use]) / np.maximum(err, 1e-30), MAX_WEIGHT))[:, None]
     return coef
 
 
