@@ -84,8 +84,12 @@ def accuse(
     soft: np.ndarray, words: np.ndarray, spec: codes.CodeSpec, max_false_positive: float = 1e-6
 ) -> list[Accused]:
     """Buyers whose score clears the threshold, best first; P(any innocent listed) <= max_false_positive."""
-    z = scores(soft, words, spec)
-    n = words.shape[0]
+    return accuse_scores(scores(soft, words, spec), max_false_positive)
+
+
+def accuse_scores(z: np.ndarray, max_false_positive: float = 1e-6) -> list[Accused]:
+    """`accuse` from every registered buyer's score (`scores`), for a caller that keeps the scores."""
+    n = len(z)
     t = threshold(n, max_false_positive)
     hits = np.flatnonzero(z >= t)
     hits = hits[np.argsort(-z[hits], kind="stable")]

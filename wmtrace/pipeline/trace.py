@@ -140,8 +140,8 @@ def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spe
     decoded = codes.decode(soft, spec, check, max(1, len(issued)), max_false_positive)
     ids = sorted(issued)
     words = codes.codewords(key, master, ids, spec)
-    accused = accuse.accuse(soft, words, spec, max_false_positive)
     z = accuse.scores(soft, words, spec)
+    accused = accuse.accuse_scores(z, max_false_positive)
     result.best_score = round(float(z.max()), 3) if len(z) else None
     result.score_threshold = round(accuse.threshold(len(ids), max_false_positive), 3)
     if decoded is not None and {ids[a.index] for a in accused} <= {decoded.buyer_id}:
@@ -165,9 +165,9 @@ def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spe
         )
     if decoded is not None and all(c["id"] != decoded.buyer_id for c in result.colluders):
         b = issued[decoded.buyer_id]
-        z = float(accuse.scores(soft, words[ids.index(b.id)][None], spec)[0])
         bound = decoded.false_positive_probability
-        result.colluders.append({"id": b.id, "name": b.name, "score": round(z, 3), "false_accusation_bound": bound})
+        result.colluders.append({"id": b.id, "name": b.name, "score": round(float(z[ids.index(b.id)]), 3),
+                                 "false_accusation_bound": bound})
     result.false_positive_probability = max(c["false_accusation_bound"] for c in result.colluders)
     result.reason = (
         f"{len(result.colluders)} buyers' codewords agree with the extracted bits: copies merged"
