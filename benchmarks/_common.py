@@ -66,6 +66,15 @@ def example_master(reg: Registry, trained: Path | None = None, epochs: int = 2) 
     return api.ensure_example(reg, epochs=epochs)
 
 
+def example_buyers(reg: Registry, out: Path, count: int = 3) -> tuple[Master, list]:
+    """The example master in `reg` with at least `count` issued buyers (issued into `out` if missing)."""
+    m = api.ensure_example(reg)
+    buyers = [b for b in reg.buyers(m.name) if b.status == "issued"]
+    if len(buyers) < count:
+        buyers += api.issue(reg, buyers=count - len(buyers), out=out)
+    return m, buyers
+
+
 def example_accuracy(state: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor) -> float:
     """Test accuracy of the example CNN holding `state` (reshaped copies too; integer buffers optional)."""
     return fidelity.evaluate(example.build_like(state), inputs, labels)

@@ -132,10 +132,7 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         reg = api.open_registry(args.registry or Path(tmp) / "registry", create=True)
-        m = _common.example_master(reg)
-        issued = [b for b in reg.buyers(m.name) if b.status == "issued"]
-        if len(issued) < 3:
-            api.issue(reg, buyers=3 - len(issued), out=Path(tmp) / "buyers")
+        m, _ = _common.example_buyers(reg, Path(tmp) / "buyers")
         root = str(reg.root)
         reg.close()
         os.environ["OMP_NUM_THREADS"] = "1"

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common
 import numpy as np
 import torch
 from safetensors.torch import load_file
@@ -328,10 +329,7 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         reg = api.open_registry(args.registry or Path(tmp) / "registry", create=True)
-        m = api.ensure_example(reg)
-        buyers = [b for b in reg.buyers(m.name) if b.status == "issued"]
-        if len(buyers) < 3:
-            buyers += api.issue(reg, buyers=3 - len(buyers), out=Path(tmp) / "buyers")
+        m, buyers = _common.example_buyers(reg, Path(tmp) / "buyers")
         bench = Bench(reg, buyers[0], buyers[1:3], Path(tmp))
         for fam in args.families.split(","):
             run(bench, fam, args.quick, Path(tmp))

@@ -13,7 +13,7 @@ import numpy as np
 # far on purpose (weight shifting) or left as noise cannot drag the estimate of the shared mark.
 TRIM = 0.2
 # Fit a scale per input channel too (undoes rescaling across ReLU of the layer feeding the carrier),
-# where it fits the leaked layer better than filter scales alone (`_rescale`).
+# where it fits the leaked layer better than filter scales alone (`rescale`).
 COLUMN_SCALE = True
 
 
