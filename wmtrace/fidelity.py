@@ -1,5 +1,6 @@
 """How close a buyer copy behaves to its master on held-out data: for classifiers accuracy and top-1
-agreement, for encoders the cosine similarity of embeddings and nearest-neighbour retrieval agreement."""
+agreement, for encoders the cosine similarity of embeddings and nearest-neighbour retrieval agreement,
+for language models (`output="tokens"`) next-token top-1 agreement and perplexity."""
 
 from __future__ import annotations
 
@@ -22,15 +23,33 @@ def outputs(model: nn.Module, inputs: batches.Inputs, batch_size: int | None = N
                       for i in range(0, n, batch_size)])
 
 
+def next_tokens(logits: torch.Tensor, x: batches.Inputs) -> torch.Tensor:
+    """What a language model's fidelity needs of a batch's logits (batch x positions x vocabulary):
+    at every real position that has a next token, the predicted token and the log-probability of the
+    text's actual next token (positions x 2). Keeping the logits would cost 49,152 floats a position."""
+    ids, mask = x["input_ids"], x.get("attention_mask")
+    logp = logits[:, :-1].float().log_softmax(-1)
+    keep = mask[:, 1:].bool() if mask is not None else torch.ones_like(ids[:, 1:], dtype=torch.bool)
+    pair = torch.stack([logp.argmax(-1).to(logp.dtype), logp.gather(-1, ids[:, 1:, None]).squeeze(-1)], -1)
+    return pair[keep]
+
+
+def token_fidelity(ours: torch.Tensor, master: torch.Tensor) -> tuple[float, float]:
+    """(next-token top-1 agreement, the copy's perplexity over the master's) from `next_tokens` rows."""
+    agreement = float((ours[:, 0] == master[:, 0]).float().mean())
+    return agreement, float(torch.exp(master[:, 1].mean() - ours[:, 1].mean()))
+
+
 @torch.no_grad()
-def stream_outputs(model: nn.Module, data: Iterable[tuple[batches.Inputs, torch.Tensor | None]]
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stream_outputs(model: nn.Module, data: Iterable[tuple[batches.Inputs, torch.Tensor | None]],
+                   output: str = "logits") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Outputs (and labels, None without) over batches streamed from a data set (`modelio.stream`):
-    only the outputs are kept, never the inputs."""
+    only the outputs are kept, never the inputs; a language model's reduced by `next_tokens`."""
     model.eval()
     outs, labels = [], []
     for x, y in data:
-        outs.append(batches.call(model, x).float())
+        out = batches.call(model, x)
+        outs.append(next_tokens(out, x) if output == "tokens" else out.float())
         if y is not None:
             labels.append(y)
     if not outs:

@@ -75,6 +75,19 @@ def _load(path: str | os.PathLike) -> State:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in formats.load_tensors(path).items()}
 
 
+def _write(result: State, out: Path, first: str | os.PathLike, types: dict[str, str] | None) -> None:
+    """safetensors, or GGUF (a leak as llama.cpp users pass it on): tensors in the types the attack
+    chose (`requantize`), else in the input's."""
+    if out.suffix != ".gguf":
+        formats.save_safetensors(result, out)
+        return
+    source = formats.open_tensors(first)
+    if not source.quants:
+        raise BadInput(f"{out}: writing GGUF needs a GGUF input (its metadata: tokenizer, architecture)")
+    quants = {k: (types or {}).get(k, q) for k, q in source.quants.items()}
+    formats.gguf.save_gguf({k: v.float().numpy() for k, v in result.items()}, first, out, quants)
+
+
 def _sources(attack: Attack, source: str | os.PathLike | Sequence[str | os.PathLike]) -> list:
     many = isinstance(source, Sequence) and not isinstance(source, (str, bytes))
     if attack.merges:
@@ -97,7 +110,8 @@ def apply(
     **params: Any,
 ) -> dict:
     """Attack the weights in `source` (several files for a merging attack such as `collude`) with the
-    attack `name` and its keyword parameters, write the result to `out` as safetensors, and return
+    attack `name` and its keyword parameters, write the result to `out` (safetensors; GGUF where `out`
+    ends in .gguf and the input is GGUF, whose metadata it keeps), and return
     what was done: `attack`, `input` (or `inputs` and `file`), `output`, `strength`, every parameter
     used (`model` and `data` for attacks that need them), what the attack measured (e.g.
     `attacker_ber`, `task_accuracy`, `agreement`), `tensors` written and `shapes_changed`."""
@@ -117,7 +131,7 @@ def apply(
         info["model"], info["data"] = factory, data
         trainer = Trainer(modelio.import_object(factory), modelio.import_object(data), seed=values.get("seed", 0))
     result = attack.run(states if attack.merges else states[0], trainer, info, **values)
-    formats.save_safetensors(result, out)
+    _write(result, out, files[0], info.pop("gguf_types", None))
     first = states[0]
     info["tensors"] = len(result)
     info["shapes_changed"] = sorted(k for k in first if k in result and result[k].shape != first[k].shape)

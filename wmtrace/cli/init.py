@@ -36,7 +36,8 @@ def init(
         int, typer.Option(help="Distillation steps after placement, per buyer (0: none, the measured best)")
     ] = 0,
     output: Annotated[
-        str, typer.Option(help="What the model returns: logits (classifier) or embedding (encoder)")
+        str, typer.Option(help="What the model returns: logits (classifier), embedding (encoder) or tokens "
+                                  "(a language model's next-token logits)")
     ] = "logits",
     loss: Annotated[
         str | None, typer.Option(help="module:function(output, master_output) -> loss, for repair steps")

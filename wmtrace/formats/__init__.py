@@ -10,6 +10,8 @@ inside the model's own folder, and only from regular files. Every failure is a o
     safetensors.py  one file or shards, lazily; the int8 + scale convention
     onnx.py         initializers, Constants, quantized weights; converted per request
     checkpoint.py   torch.load(weights_only=True); converted per request
+    gguf.py         llama.cpp's GGUF: memory-mapped, dequantized per request, under Hugging Face names; written back
+    grids.py        a GGUF master's quantization grid, on which its copies' marks are placed
     folder.py       which files of a folder (or an index) are the model
     untrusted.py    what a hostile file declares, checked against what it holds
     write.py        save_safetensors, save_sharded, export_onnx
@@ -24,16 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput, first_line
-from . import checkpoint, folder, onnx, safetensors, untrusted
+from . import checkpoint, folder, gguf, grids, onnx, safetensors, untrusted
 from .safetensors import _read as _read  # tests that count safetensors reads wrap it
 from .source import Reader, TensorSource
 from .write import export_onnx, save_safetensors, save_sharded, writable_folder
 
 # Tried in this order: by content first, then by name; in a folder, the first with files there wins.
-READERS: list[Reader] = [safetensors.READER, onnx.READER, checkpoint.READER]
+READERS: list[Reader] = [safetensors.READER, gguf.READER, onnx.READER, checkpoint.READER]
 
-__all__ = ["READERS", "Reader", "TensorSource", "export_onnx", "load_tensors", "open_tensors", "save_safetensors",
-           "save_sharded", "writable_folder"]
+__all__ = ["READERS", "Reader", "TensorSource", "export_onnx", "gguf", "grids", "load_tensors", "open_tensors",
+           "save_safetensors", "save_sharded", "writable_folder"]
 
 
 def _reader(path: Path) -> Reader:

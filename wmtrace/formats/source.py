@@ -25,6 +25,8 @@ class TensorSource(Mapping):
         # for safetensors, from their headers (copies are written back in the master's dtypes and shards).
         self.dtypes: dict[str, str] = {}
         self.files: list[Path] = []
+        # GGUF type of every tensor ("Q4_1", "F32", ...) where the format stores one: copies are written in them.
+        self.quants: dict[str, str] = {}
 
     def load(self, name: str) -> np.ndarray:
         raise NotImplementedError

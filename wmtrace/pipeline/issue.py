@@ -131,7 +131,8 @@ class _Run:
         self.limit = limit
         # Held-out data is streamed for every copy, never held: only outputs are kept (a split of
         # 224 x 224 crops would otherwise dominate the run's memory).
-        self.master_out, self.labels = (fidelity.stream_outputs(model, modelio.stream(self.test, limit))
+        self.master_out, self.labels = (fidelity.stream_outputs(model, modelio.stream(self.test, limit),
+                                                                m.config.output)
                                         if self.test is not None else (None, None))
 
     def one(self, b: Buyer, out: Path, seed: int, progress) -> None:
@@ -148,7 +149,7 @@ class _Run:
             b.margin = min(marker.margin(model, bits) for marker in self.markers)
             if self.test is None:
                 break
-            ours, _ = fidelity.stream_outputs(model, modelio.stream(self.test, self.limit))
+            ours, _ = fidelity.stream_outputs(model, modelio.stream(self.test, self.limit), m.config.output)
             _measure(b, ours, self.master_out, self.labels, m.config.output)
             if _meets(b, m) or attempt == BACKOFF_STEPS:
                 break
@@ -162,7 +163,11 @@ class _Run:
             raise SelfCheckFailed(f"{e}; the copy was marked at {scale:.2f} of the strength to meet the fidelity "
                                   f"target {m.config.fidelity:g}: register the master again with a lower --fidelity"
                                   ) from e
-        if m.config.shards > 1:
+        if m.config.format == "gguf":
+            path = out / f"{b.name}.gguf"
+            arrays = {k: v.float().numpy() for k, v in final.items() if v.is_floating_point()}
+            formats.gguf.save_gguf(arrays, self.reg.template_path(m.weights), path, m.config.quants)
+        elif m.config.shards > 1:
             path = out / b.name
             formats.save_sharded(final, path, m.config.shards)
         else:
@@ -181,14 +186,25 @@ class _Run:
             marker.embed(model, bits, seed, progress, scale)
         final = self.extras | {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         final = {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in final.items()}
-        # Margin, self-check and fidelity of the copy as written (after any rounding to fp16/bf16).
+        if self.m.config.quants:  # a GGUF master's copy keeps its types: marked weights move whole grid steps
+            rng = np.random.default_rng([seed, 0x67677566])
+            master = self.master.state
+            final |= {k: torch.from_numpy(formats.grids.snap(master[k].numpy(), v.numpy(), q, rng))
+                      for k, v in final.items() if (q := self.m.config.quants.get(k)) and formats.grids.on_grid(q)
+                      and not torch.equal(v, master[k])}
+        # Margin, self-check and fidelity of the copy as written (after any rounding to fp16/bf16 or to a
+        # GGUF master's grid).
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in final.items()}, strict=False)
         return model, final
 
 
 def _measure(b: Buyer, ours: torch.Tensor, master: torch.Tensor, labels: torch.Tensor | None, output: str) -> None:
     """Fidelity of a copy: classifiers top-1 agreement (and accuracy with labels); encoders mean
-    cosine similarity and top-1 nearest-neighbour retrieval agreement (stored as agreement)."""
+    cosine similarity and top-1 nearest-neighbour retrieval agreement (stored as agreement); language
+    models next-token top-1 agreement (perplexity is measured by benchmarks/bench_smollm2.py)."""
+    if output == "tokens":
+        b.agreement = fidelity.token_fidelity(ours, master)[0]
+        return
     if output == "embedding":
         b.cosine, b.agreement = fidelity.embedding_fidelity(ours, master)
         return
@@ -209,7 +225,7 @@ def _gate(b: Buyer, m: Master) -> None:
     if not _meets(b, m):
         value = b.cosine if m.config.output == "embedding" else b.agreement
         target = m.config.fidelity
-        what = "mean cosine" if m.config.output == "embedding" else "top-1 agreement"
+        what = {"embedding": "mean cosine", "tokens": "next-token agreement"}.get(m.config.output, "top-1 agreement")
         raise SelfCheckFailed(f"buyer {b.name!r}: {what} with the master {value:.4f} is below the fidelity target "
                               f"{target:g} of master {m.name!r}; no copy was written (register the master again "
                               "with a lower --strength or --fidelity)")

@@ -107,12 +107,13 @@ def init(
     # Copies are written in the dtypes and shard count the master came in (fp16/bf16 stay half size;
     # a sharded Hugging Face folder gives sharded folders).
     config = MasterConfig(spec, prepared, eval_samples, source.dtypes, max(1, len(source.files)),
-                          output, fidelity=(target or None) if test is not None else None)
+                          output, fidelity=(target or None) if test is not None else None,
+                          format="gguf" if source.quants else "safetensors", quants=dict(source.quants))
     registered = {k: state[k] for k in extras} | {k: v.contiguous() for k, v in model.state_dict().items()}
     with reg.lock():  # one registration at a time: the name is checked and taken under the lock
         if any(m.name == name for m in reg.masters()):
             raise BadInput(f"master {name!r} is already registered")
-        return _register(reg, name, registered, stored, factory, data, config, accuracy)
+        return _register(reg, name, registered, stored, factory, data, config, accuracy, source)
 
 
 def _prepare(master: schemes.MasterModel, bits: int, options: dict,
@@ -160,20 +161,24 @@ def _build(state: dict[str, torch.Tensor], weights, factory: str, data: str | No
 
 
 def _register(reg: Registry, name: str, weights: dict[str, torch.Tensor], stored: dict[str, torch.Tensor],
-              factory: str, data: str | None, config: MasterConfig, accuracy: float | None) -> Master:
+              factory: str, data: str | None, config: MasterConfig, accuracy: float | None,
+              source: formats.TensorSource) -> Master:
     """Write the master's files and its row; called under the registry lock, with the name free.
 
     A key file already there (left by a registration killed before its row was written) is used, not
     replaced: a key file is never deleted or overwritten, so no failure here can lose one. Files left
-    by such a run are rewritten; on failure only files this call created are removed."""
+    by such a run are rewritten; on failure only files this call created are removed. A GGUF master
+    keeps its metadata beside its weights (`formats.gguf.save_template`): its copies are GGUF files."""
     dest = reg.weights_path(name)
-    stored_path = reg.moments_path(dest)
-    created = [p for p in (dest, stored_path) if not p.exists()]
+    stored_path, template = reg.moments_path(dest), reg.template_path(dest)
+    created = [p for p in (dest, stored_path, template) if not p.exists()]
     try:
         formats.save_safetensors(weights, dest)
         failpoint.reached("init:weights")
         if stored:
             formats.save_safetensors(stored, stored_path)
+        if config.format == "gguf":
+            formats.gguf.save_template(source, template)
         if reg.key_path(name).exists():
             key = reg.key(name)
         else:

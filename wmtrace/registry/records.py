@@ -10,7 +10,8 @@ from ..errors import BadInput
 
 # Version 1 (0.1.0): one white-box scheme, its "carriers" and "embed" at the top level.
 # Version 2: every scheme's settings under "schemes", by scheme name.
-CONFIG_VERSION = 2
+# Version 3 (0.6.0): the master's file format and, for GGUF, each tensor's type ("quants").
+CONFIG_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -28,17 +29,23 @@ class MasterConfig:
     # Least top-1 agreement (cosine, for encoders) a copy may have on the held-out split; `issue`
     # writes no copy below it. None: no gate (masters registered before 0.4, or `--fidelity 0`).
     fidelity: float | None = None
+    # The master's file format: copies are written in it ("safetensors", or "gguf" with each tensor in its
+    # GGUF type in `quants`, by the tensor's name as read, in the file's order).
+    format: str = "safetensors"
+    quants: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d: dict, master: str = "") -> MasterConfig:
         d = migrate(d, master)
         return cls(CodeSpec(**d["code"]), dict(d["schemes"]), d.get("eval_samples"), dict(d.get("dtypes", {})),
-                   int(d.get("shards", 1)), d.get("output", "logits"), int(d["version"]), d.get("fidelity"))
+                   int(d.get("shards", 1)), d.get("output", "logits"), int(d["version"]), d.get("fidelity"),
+                   d.get("format", "safetensors"), dict(d.get("quants", {})))
 
     def to_json(self) -> dict:
         return {"version": self.version, "code": {"symbols": self.code.symbols, "name": self.code.name},
                 "schemes": self.schemes, "eval_samples": self.eval_samples, "dtypes": self.dtypes,
-                "shards": self.shards, "output": self.output, "fidelity": self.fidelity}
+                "shards": self.shards, "output": self.output, "fidelity": self.fidelity, "format": self.format,
+                "quants": self.quants}
 
 
 def migrate(d: dict, master: str = "") -> dict:
@@ -50,6 +57,8 @@ def migrate(d: dict, master: str = "") -> dict:
         d = {k: v for k, v in d.items() if k not in ("carriers", "embed")} | {
             "version": 2, "output": d["embed"].get("output", "logits"),
             "schemes": {"whitebox": {"carriers": d["carriers"], "embed": d["embed"]}}}
+    if d["version"] == 2:  # every master before GGUF came from (and issues) safetensors
+        d = d | {"version": 3, "format": "safetensors", "quants": {}}
     return d
 
 

@@ -60,6 +60,11 @@ class Layout:
         weights = Path(weights)
         return weights.with_name(weights.name.removesuffix(".safetensors") + ".moments.safetensors")
 
+    def template(self, weights: str | os.PathLike) -> Path:
+        """A GGUF master's metadata (tokenizer, architecture), stored beside its registered weights."""
+        weights = Path(weights)
+        return weights.with_name(weights.name.removesuffix(".safetensors") + ".template.gguf")
+
     def secrets_present(self) -> list[Path]:
         """Keys and registered masters already in the folder (what a fresh database would orphan)."""
         found: list[Path] = []
@@ -140,6 +145,9 @@ class Files:
 
     def moments_path(self, weights: str | os.PathLike) -> Path:
         return self.layout.moments(weights)
+
+    def template_path(self, weights: str | os.PathLike) -> Path:
+        return self.layout.template(weights)
 
     def cache_path(self, name: str) -> Path:
         return self.layout.cache / name

@@ -41,7 +41,7 @@ MIN_MARGIN = 0.1
 # codewords at the same strength agreed 99.22% and 98.24% with the master on the same 512 crops.
 DRAWS = 3
 # Product goals (`init --fidelity` default): top-1 agreement for classifiers, cosine for encoders.
-DEFAULT_TARGET = {"logits": 0.99, "embedding": 0.999}
+DEFAULT_TARGET = {"logits": 0.99, "embedding": 0.999, "tokens": 0.99}
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,10 @@ class Calibration:
 
 
 def measure(outputs: torch.Tensor, reference: torch.Tensor, output: str) -> float:
-    """Fidelity of a copy's outputs to the master's: top-1 agreement, or mean cosine for embeddings."""
+    """Fidelity of a copy's outputs to the master's: top-1 agreement (next-token, for a language model),
+    or mean cosine for embeddings."""
+    if output == "tokens":
+        return fidelity.token_fidelity(outputs, reference)[0]
     if output == "embedding":
         return float(F.cosine_similarity(outputs.float(), reference.float(), dim=-1).mean())
     return float((outputs.argmax(1) == reference.argmax(1)).float().mean())
@@ -95,7 +98,7 @@ def search(
     naming every trial, where the first strength to meet the target is not robust (weaker ones only
     lose margin) or none above `MIN_STRENGTH` meets it. `data()` streams the held-out batches anew."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    reference = _outputs(model, data)
+    reference = _outputs(model, data, output)
     key = keys.generate()  # a throwaway key: the master's own is made only once registration succeeds
     secrets = [c.secret(key) for c in carriers]
     maps = [embedding_map(s, mt) for s, mt in zip(secrets, metrics, strict=True)]
@@ -109,7 +112,7 @@ def search(
         marked = {c.name: state[c.name] for c in carriers}
         embed.place(marked, carriers, secrets, margins, bits, maps=maps)
         model.load_state_dict(marked, strict=False)
-        score = measure(_outputs(model, data), reference, output)
+        score = measure(_outputs(model, data, output), reference, output)
         errors, worst = _after_attack(marked, state, carriers, secrets, margins, bits, threshold, metrics)
         return Trial(round(strength, 4), score, errors, worst)
 
@@ -148,9 +151,9 @@ def _refusal(target: float, trials: list[Trial]) -> str:
             "--strength S accepts a trade-off unchecked")
 
 
-def _outputs(model: nn.Module, data: Callable[[], Iterable[tuple[batches.Inputs, torch.Tensor | None]]]
-             ) -> torch.Tensor:
-    return fidelity.stream_outputs(model, data())[0]
+def _outputs(model: nn.Module, data: Callable[[], Iterable[tuple[batches.Inputs, torch.Tensor | None]]],
+             output: str) -> torch.Tensor:
+    return fidelity.stream_outputs(model, data(), output)[0]
 
 
 def _prune_threshold(state: dict[str, torch.Tensor]) -> float:

