@@ -8,9 +8,14 @@ channels stay unmatched and pruned ones become missing); `scales.rescale` then u
 into the weights on ONNX export and rescaling across ReLU. A carrier no tensor matches (a layer that
 fine-tuning re-learned) is still read where a tensor has its name and shape. Weights that are exactly
 zero are treated as missing (pruned), never as values; so are NaN and infinite weights, which carry no
-information (a leaker may blank part of a carrier with them). Every tensor of a carrier's shape is a
-candidate; a cheap score (`_quick`) ranks them all and only the best `MAX_CANDIDATES` get the full
-match, so decoys cost little each.
+information (a leaker may blank part of a carrier with them).
+
+Every tensor of a carrier's shape is a candidate. The full match costs about 3 s per candidate of a
+1.1B Llama's k_proj shape, so a cheap screen that permutations do not fool (`screen.rank`) ranks them all first;
+they get the full match in that order, at most `MAX_CANDIDATES`, and once one the screen passes has
+matched at `STOP_SCORE` or better, those the screen finds clearly unlike the carrier are skipped (a
+renamed 1.1B copy: 62 s -> 4.3 s). Until something matches that well, rejected candidates are
+still matched, as before the screen: a copy the screen cannot see is slower to find, never lost.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from . import screen
 from .carriers import Carrier
 from .scales import rescale
 
@@ -34,12 +40,18 @@ IDENTITY_SCORE = 0.9
 # Most alternations of filter and channel assignment from an order-free guess of the channels.
 GUESS_ROUNDS = 8
 # Candidate tensors per carrier given the full match (`_match`, about 20 ms each on the example's
-# 64x64x3x3 carrier), after every tensor of a fitting shape is ranked by `_quick` (under 1 ms each).
-# Without a cap, 200 random decoys of each carrier's shape took 36 s to trace (402 full matches per
-# carrier); with it, 200 took 2.6 s and 2,000 about 5 s, most of it reading. 8 leaves room for
-# the tensors of same-shaped layers of the same network, which score high on `_quick` as well
-# (features.11 of the example also fits features.7's carrier), ahead of random decoys.
+# 64x64x3x3 carrier, about 3 s on a 1.1B Llama's 256 x 2,048 k_proj), after every tensor of a fitting
+# shape is ranked by `screen.rank` (a few ms each; tens of ms at 256 x 2,048). Without a cap, 200
+# random decoys of each carrier's shape took 36 s to trace (402 full matches per carrier); with it,
+# 200 took 2.6 s. 8 leaves room for the tensors of same-shaped layers of the same network (features.11
+# of the example also fits features.7's carrier) when the screen cannot tell (nothing matches clearly).
 MAX_CANDIDATES = 8
+# A full match at least this good, from a candidate the screen also passes, ends the search once every
+# candidate left is one the screen finds clearly unlike the carrier. In benchmarks/bench_screen.py
+# (example CNN, renamed among random decoys) the wrong tensors' full matches reach 0.87 (another layer
+# at 98% pruning: sparse filters match anything), none of them passing the screen; the true carrier's
+# are 0.87-0.89 after noise at 0.4 of the weights' spread or permutation, which this lets stop early.
+STOP_SCORE = 0.8
 
 
 @dataclass
@@ -91,11 +103,6 @@ def _shapes(tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tensors.items()}
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(a, axis=1, keepdims=True)
-    return a / np.where(n > 0, n, 1.0)
-
-
 def _assign(sim: np.ndarray) -> np.ndarray:
     """Best one-to-one assignment of leaked (rows of sim) to master (columns) items; -1 where a master
     item has no partner (fewer leaked items: structured pruning). Extra leaked items are left out."""
@@ -132,7 +139,7 @@ def _col_sim(t: np.ndarray, rows: np.ndarray, cols: np.ndarray, ref: np.ndarray)
     sign = np.where((g * ref[ok]).sum((1, 2)) < 0, -1.0, 1.0)
     a = np.transpose(t[rows[ok]] * sign[:, None, None], (1, 0, 2)).reshape(t.shape[1], -1)
     b = np.transpose(ref[ok], (1, 0, 2)).reshape(ref.shape[1], -1)
-    return _unit(a) @ _unit(b).T
+    return screen.unit(a) @ screen.unit(b).T
 
 
 def _col_init(t: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -140,7 +147,7 @@ def _col_init(t: np.ndarray, ref: np.ndarray) -> np.ndarray:
     kernel Gram matrix over unit-norm filters (or, for 1x1 kernels, its sorted magnitudes)."""
 
     def feats(a: np.ndarray, n: int) -> np.ndarray:
-        u = _unit(a.reshape(a.shape[0], -1)).reshape(a.shape)
+        u = screen.unit(a.reshape(a.shape[0], -1)).reshape(a.shape)
         if a.shape[2] > 1:
             return np.einsum("rjk,rjl->jkl", u, u).reshape(a.shape[1], -1)
         v = np.sort(np.abs(u[:, :, 0]), axis=0)  # rows x channels
@@ -150,7 +157,7 @@ def _col_init(t: np.ndarray, ref: np.ndarray) -> np.ndarray:
     n = min(t.shape[0], ref.shape[0])
     fa, fb = feats(t, n), feats(ref, n)
     fa, fb = fa - fa.mean(1, keepdims=True), fb - fb.mean(1, keepdims=True)
-    return _assign(_unit(fa) @ _unit(fb).T)
+    return _assign(screen.unit(fa) @ screen.unit(fb).T)
 
 
 def _match(t: np.ndarray, ref: np.ndarray, rounds: int = 3) -> tuple[np.ndarray, np.ndarray, float]:
@@ -189,51 +196,6 @@ def _finite(a: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(a), a, 0.0)
 
 
-def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """|cosine| of every row of a (n x d) with every row of b (m x d); 0 where a row is all zero."""
-    den = np.linalg.norm(a, axis=1)[:, None] * np.linalg.norm(b, axis=1)[None, :]
-    return np.abs(np.where(den > 0, (a @ b.T) / np.where(den > 0, den, 1.0), 0.0))
-
-
-def _kernel_gram(a: np.ndarray) -> np.ndarray:
-    """Each filter's kernel Gram matrix (sum over input channels of k k'), trace-normalized, its
-    uniform part removed: blind to the order of input channels and to the filter's scale."""
-    k = a.shape[2]
-    g = np.matmul(a.transpose(0, 2, 1), a)
-    tr = np.trace(g, axis1=1, axis2=2)[:, None, None]
-    return (g / np.where(tr > 0, tr, 1.0) - np.eye(k) / k).reshape(len(a), -1)
-
-
-def _quick(t: np.ndarray, ref: np.ndarray, ref_gram: np.ndarray | None) -> float:
-    """A cheap stand-in for `_match`'s score, to rank candidates: the best of
-    - filters in the master's order (a plain copy, renamed or not);
-    - each filter against its best master filter, input channels as stored (filters permuted);
-    - for kernels of more than one weight, each filter's `_kernel_gram` against its best master
-      filter's (`ref_gram`): blind to how input channels are ordered and filters scaled (permuted
-      channels, BatchNorm folded), and random decoys score about 0.4 on it, a permuted copy 0.99.
-    A tensor with more filters than the master (dummy filters added) is scored on its best-matching
-    filters only, as many as the master has. Rows are subsampled to at most 64, so a candidate costs
-    well under a millisecond."""
-    rows = np.linspace(0, t.shape[0] - 1, min(t.shape[0], 64)).round().astype(int)
-    sub = t[rows]
-    keep = max(1, round(len(rows) * min(1.0, ref.shape[0] / t.shape[0])))
-
-    def best(sim: np.ndarray) -> float:
-        return float(np.sort(sim.max(1))[-keep:].mean())
-
-    scores = [0.0]
-    if t.shape[1] == ref.shape[1]:
-        flat, m = sub.reshape(len(rows), -1), ref.reshape(len(ref), -1)
-        if t.shape[0] == ref.shape[0]:
-            a, b = flat, m[rows]
-            den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            scores.append(float(np.mean(np.abs(np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), 0)))))
-        scores.append(best(_cos_rows(flat, m)))
-    if ref_gram is not None:
-        scores.append(best(_cos_rows(_kernel_gram(sub), ref_gram)))
-    return max(scores)
-
-
 def _same_place(
     tensors: Mapping[str, np.ndarray], shapes: dict[str, tuple], c: Carrier, ref: np.ndarray, taken: set[str]
 ) -> tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -249,6 +211,37 @@ def _same_place(
     score = float(np.mean(np.abs(np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), 0.0))))
     identity = np.arange(len(view)), np.arange(view.shape[1])
     return score, c.name, view, *identity
+
+
+def _search(
+    tensors: Mapping[str, np.ndarray], shapes: dict[str, tuple], c: Carrier, ref: np.ndarray, taken: set[str],
+    best: tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None,
+) -> tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The best full match (`_match`) among the tensors that could hold carrier `c`, tried in the
+    screen's order (`screen.rank`), at most `MAX_CANDIDATES`. Once a candidate the screen passes has
+    matched at `STOP_SCORE` or better, those the screen finds clearly unlike the carrier (rank below
+    `screen.MARGIN`, all after the passing ones) are not tried: that is what makes a renamed copy
+    cheap (a 1.1B Llama's: 62 s -> 4.3 s, benchmarks/bench_stream.py --renamed). Until then they
+    are, in the same order, as before the screen, so a copy the screen cannot see (a Linear layer's
+    inputs permuted and 80% pruned; anything pruned by 98%) is still found by the full match."""
+    sk = screen.sketch(ref)
+    ranked = []  # (rank, name, view index): only ranks are kept, views are read again
+    for name, shape in shapes.items():
+        if name in taken or not _orientations(shape, c):
+            continue
+        for i, view in enumerate(_views(_finite(tensors[name]), c)):
+            ranked.append((screen.rank(view, sk), name, i))
+    ranked.sort(key=lambda r: -r[0])
+    clear = False  # a candidate the screen passes matched at STOP_SCORE or better
+    for rank, name, i in ranked[:MAX_CANDIDATES]:
+        if clear and rank < screen.MARGIN:
+            break  # this and every later candidate are clearly unlike the carrier
+        view = _views(_finite(tensors[name]), c)[i]
+        rows, cols, score = _match(view, ref)
+        clear = clear or (rank >= screen.MARGIN and score >= STOP_SCORE)
+        if best is None or score > best[0]:
+            best = (score, name, view, rows, cols)
+    return best
 
 
 def locate(
@@ -268,19 +261,7 @@ def locate(
         same = _same_place(tensors, shapes, c, ref, taken)
         best: tuple[float, str, np.ndarray, np.ndarray, np.ndarray] | None = same
         if best is None or best[0] <= IDENTITY_SCORE:  # else the carrier's name, in its order: no search
-            ranked = []  # (quick score, name, view index): only scores are kept, views are read again
-            ref_gram = _kernel_gram(ref) if ref.shape[2] > 1 else None
-            for name, shape in shapes.items():
-                if name in taken or not _orientations(shape, c):
-                    continue
-                for i, view in enumerate(_views(_finite(tensors[name]), c)):
-                    ranked.append((_quick(view, ref, ref_gram), name, i))
-            ranked.sort(key=lambda r: -r[0])
-            for _, name, i in ranked[:MAX_CANDIDATES]:
-                view = _views(_finite(tensors[name]), c)[i]
-                rows, cols, score = _match(view, ref)
-                if best is None or score > best[0]:
-                    best = (score, name, view, rows, cols)
+            best = _search(tensors, shapes, c, ref, taken, best)
         by_name = best is None or best[0] < MATCH_THRESHOLD
         if by_name and same is None:
             found.append(None)
