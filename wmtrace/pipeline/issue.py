@@ -187,9 +187,8 @@ class _Run:
         final = self.extras | {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         final = {k: v.to(self.dtypes[k]) if k in self.dtypes else v for k, v in final.items()}
         if self.m.config.quants:  # a GGUF master's copy keeps its types: marked weights move whole grid steps
-            rng = np.random.default_rng([seed, 0x67677566])
             master = self.master.state
-            final |= {k: torch.from_numpy(formats.grids.snap(master[k].numpy(), v.numpy(), q, rng))
+            final |= {k: torch.from_numpy(formats.grids.snap(master[k].numpy(), v.numpy(), q))
                       for k, v in final.items() if (q := self.m.config.quants.get(k)) and formats.grids.on_grid(q)
                       and not torch.equal(v, master[k])}
         # Margin, self-check and fidelity of the copy as written (after any rounding to fp16/bf16 or to a
