@@ -10,12 +10,13 @@ fine-tuning re-learned) is still read where a tensor has its name and shape. Wei
 zero are treated as missing (pruned), never as values; so are NaN and infinite weights, which carry no
 information (a leaker may blank part of a carrier with them).
 
-Every tensor of a carrier's shape is a candidate. The full match costs about 3 s per candidate of a
-1.1B Llama's k_proj shape, so a cheap screen that permutations do not fool (`screen.rank`) ranks them all first;
-they get the full match in that order, at most `MAX_CANDIDATES`, and once one the screen passes has
-matched at `STOP_SCORE` or better, those the screen finds clearly unlike the carrier are skipped (a
-renamed 1.1B copy: 62 s -> 4.3 s). Until something matches that well, rejected candidates are
-still matched, as before the screen: a copy the screen cannot see is slower to find, never lost.
+Every tensor of a carrier's shape is a candidate. The full match costs 2-3 s per candidate of a 1.1B
+Llama's k_proj shape, so a cheap screen that permutations do not fool (`screen.rank`) ranks them all
+first; they get the full match in that order, at most `MAX_CANDIDATES`, and once one the screen
+passes has matched at `STOP_SCORE` or better, those the screen finds clearly unlike the carrier are
+skipped (a renamed 1.1B copy: 28.3 s -> 3.2 s in one run, 16 full matches -> 2). Until something
+matches that well, rejected candidates are still matched, as before the screen: a copy the screen
+cannot see is slower to find, not lost.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ IDENTITY_SCORE = 0.9
 # Most alternations of filter and channel assignment from an order-free guess of the channels.
 GUESS_ROUNDS = 8
 # Candidate tensors per carrier given the full match (`_match`, about 20 ms each on the example's
-# 64x64x3x3 carrier, about 3 s on a 1.1B Llama's 256 x 2,048 k_proj), after every tensor of a fitting
+# 64x64x3x3 carrier, 2-3 s on a 1.1B Llama's 256 x 2,048 k_proj), after every tensor of a fitting
 # shape is ranked by `screen.rank` (a few ms each; tens of ms at 256 x 2,048). Without a cap, 200
 # random decoys of each carrier's shape took 36 s to trace (402 full matches per carrier); with it,
 # 200 took 2.6 s. 8 leaves room for the tensors of same-shaped layers of the same network (features.11
@@ -48,9 +49,10 @@ GUESS_ROUNDS = 8
 MAX_CANDIDATES = 8
 # A full match at least this good, from a candidate the screen also passes, ends the search once every
 # candidate left is one the screen finds clearly unlike the carrier. In benchmarks/bench_screen.py
-# (example CNN, renamed among random decoys) the wrong tensors' full matches reach 0.87 (another layer
-# at 98% pruning: sparse filters match anything), none of them passing the screen; the true carrier's
-# are 0.87-0.89 after noise at 0.4 of the weights' spread or permutation, which this lets stop early.
+# (example CNN, 60 copies under 20 attacks, renamed among random decoys) wrong tensors' full matches
+# reach 0.89 (another layer pruned by 98%: sparse filters match anything), none of them passing the
+# screen; the 3 that pass (other layers after an epoch of fine-tuning) match at most 0.28. The true
+# carrier's are 0.87-0.89 after noise at 0.4 of the weights' spread or permutation, which stop here.
 STOP_SCORE = 0.8
 
 
@@ -221,7 +223,7 @@ def _search(
     screen's order (`screen.rank`), at most `MAX_CANDIDATES`. Once a candidate the screen passes has
     matched at `STOP_SCORE` or better, those the screen finds clearly unlike the carrier (rank below
     `screen.MARGIN`, all after the passing ones) are not tried: that is what makes a renamed copy
-    cheap (a 1.1B Llama's: 62 s -> 4.3 s, benchmarks/bench_stream.py --renamed). Until then they
+    cheap (a 1.1B Llama's: 28.3 s -> 3.2 s, benchmarks/bench_stream.py --renamed). Until then they
     are, in the same order, as before the screen, so a copy the screen cannot see (a Linear layer's
     inputs permuted and 80% pruned; anything pruned by 98%) is still found by the full match."""
     sk = screen.sketch(ref)
