@@ -135,3 +135,42 @@ def test_smollm2_gguf_copy_is_named_after_q4_0(tmp_path):
     wmtrace.attack("requantize", b.file, leak, qtype="Q4_0")
     r = wmtrace.trace(leak, reg)
     assert r.verdict == "identified" and r.buyer["name"] == b.name, r.reason
+
+
+def test_mutated_gguf_copies_are_refused_or_name_only_their_buyer(llm, tmp_path):
+    """60 seeded mutations of a GGUF copy (byte flips anywhere, in the header and tensor table,
+    truncations, counts and offsets rewritten): each is refused in one `error:` line with exit code 2,
+    or gives a verdict naming nobody but the copy's own buyer; never a traceback."""
+    import random
+    import struct
+
+    data = bytearray(open(llm["copies"][0].file, "rb").read())
+    rng = random.Random(20261130)
+    own = llm["copies"][0].name
+    outcomes = {"refused": 0, "own": 0, "nobody": 0}
+    for i in range(60):
+        d = bytearray(data)
+        kind = i % 4
+        if kind == 0:  # flips in the header, metadata and tensor table
+            for _ in range(rng.randint(1, 8)):
+                d[rng.randrange(0, min(len(d), 4096))] ^= 1 << rng.randrange(8)
+        elif kind == 1:  # flips anywhere
+            for _ in range(rng.randint(1, 64)):
+                d[rng.randrange(len(d))] ^= 1 << rng.randrange(8)
+        elif kind == 2:
+            d = d[: rng.randrange(8, len(d))]
+        else:  # tensor or metadata count rewritten
+            struct.pack_into("<Q", d, rng.choice((8, 16)), rng.choice((0, 1, 2**31, 2**63 - 1, rng.randrange(1000))))
+        path = tmp_path / f"m{i}.gguf"
+        path.write_bytes(bytes(d))
+        result = runner.invoke(app, ["trace", str(path), "--registry", str(llm["root"] / "registry"), "--json"])
+        assert "Traceback" not in result.output and not isinstance(result.exception, Exception) or \
+            isinstance(result.exception, SystemExit), (i, result.output[-400:])
+        if result.exit_code == 2:
+            assert result.output.startswith("error:") and result.output.count("\n") == 1, (i, result.output)
+            outcomes["refused"] += 1
+            continue
+        named = __import__("json").loads(result.output).get("buyer")
+        assert named is None or named["name"] == own, (i, named)
+        outcomes["own" if named else "nobody"] += 1
+    assert outcomes["refused"] > 10 and outcomes["own"] > 5, outcomes
