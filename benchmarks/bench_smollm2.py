@@ -77,38 +77,37 @@ def peak(cmd: list[str]) -> dict:
     return {"seconds": round(r["seconds"], 2), "peak_mib": round(r["peak_mib"]), "rc": r["rc"]}
 
 
-def attacks(copy: str, work: Path, lora_steps: int, lora_batch: int) -> list[tuple[str, Path, dict]]:
-    """(name, leaked file, what the attack reported) for every leak this benchmark traces."""
-    done = []
+def attacks(copy: str, work: Path, lora_steps: int, lora_batch: int):
+    """(name, leaked file, what the attack reported) for every leak this benchmark traces, as each is made."""
     for q in ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q4_K"):
         out = work / f"requantize-{q}.gguf"
-        done.append((f"requantize {q}", out, wmtrace.attack("requantize", copy, out, qtype=q)))
+        yield f"requantize {q}", out, wmtrace.attack("requantize", copy, out, qtype=q)
     out = work / "fp16.safetensors"
-    done.append(("to safetensors fp16 (HF names)", out, wmtrace.attack("quantize", copy, out, mode="fp16")))
+    yield "to safetensors fp16 (HF names)", out, wmtrace.attack("quantize", copy, out, mode="fp16")
     import gguf
 
     reader = gguf.GGUFReader(copy)
     out = work / "gguf-names.safetensors"
     save_file({t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32) for t in reader.tensors},
               str(out))
-    done.append(("raw dump, GGUF names and row order", out, {}))
+    yield "raw dump, GGUF names and row order", out, {}
     out = work / "sparse.safetensors"
-    done.append(("2:4 sparsity", out, wmtrace.attack("sparsity", copy, out)))
+    yield "2:4 sparsity", out, wmtrace.attack("sparsity", copy, out)
     if lora_steps:
         out = work / "lora.gguf"
         t = time.time()
         info = wmtrace.attack("lora", copy, out, factory="wmtrace.smollm2:build", data="wmtrace.smollm2:other_texts",
                               steps=lora_steps, batch=lora_batch)
         info["seconds"] = round(time.time() - t)
-        done.append((f"LoRA r16 {lora_steps} steps, merged", out, info))
+        yield f"LoRA r16 {lora_steps} steps, merged", out, info
         q = work / "lora-Q4_0.gguf"
-        done.append(("LoRA merged, then Q4_0", q, wmtrace.attack("requantize", out, q, qtype="Q4_0")))
-    return done
+        yield "LoRA merged, then Q4_0", q, wmtrace.attack("requantize", out, q, qtype="Q4_0")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strength", type=float, default=smollm2.STRENGTH)
+    ap.add_argument("--target", type=float, default=0.99, help="init's fidelity target (0: none, strength as given)")
     ap.add_argument("--buyers", type=int, default=3)
     ap.add_argument("--eval", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=200)
@@ -118,11 +117,12 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="smollm2-"))
     reg = wmtrace.open_registry(work / "registry", create=True)
-    result: dict = {"run": run_info(), "strength": args.strength, "carriers": list(smollm2.CARRIERS)}
+    result: dict = {"run": run_info(), "strength": args.strength, "target": args.target,
+                    "carriers": list(smollm2.CARRIERS)}
 
     t = time.time()
     m = wmtrace.init(reg, "smollm2", smollm2.weights(), "wmtrace.smollm2:build", data="wmtrace.smollm2:dataset",
-                     output="tokens", strength=args.strength, eval_samples=128, fidelity_target=0.99,
+                     output="tokens", strength=args.strength, eval_samples=128, fidelity_target=args.target,
                      carriers=list(smollm2.CARRIERS))
     result["init_seconds"] = round(time.time() - t, 1)
     result["calibration"] = m.config.schemes["whitebox"].get("calibration")
@@ -135,6 +135,7 @@ def main() -> None:
     wmtrace.issue(reg, buyers=1, out=work / "copies", master="smollm2", eval_samples=0)
     result["issue_seconds_per_copy_unchecked"] = round(time.time() - t, 1)
     print("issued", result["issue_seconds_per_copy"], result["issue_seconds_per_copy_unchecked"], flush=True)
+    write_json(args.out, result)
 
     test = torch.utils.data.Subset(smollm2.dataset("test"), range(args.eval))
     master = model_of(smollm2.weights())
@@ -163,6 +164,7 @@ def main() -> None:
         row |= {k: info[k] for k in ("final_loss", "first_loss", "seconds") if k in info}
         result["attacks"].append(row)
         print(row, flush=True)
+        write_json(args.out, result)  # a run stopped early keeps what it measured
 
     copy = copies[0].file
     result["trace_memory"] = {

@@ -16,6 +16,7 @@ import wmtrace  # noqa: E402
 from tests import tiny_llama  # noqa: E402
 from wmtrace import formats  # noqa: E402
 from wmtrace.cli import app  # noqa: E402
+from wmtrace.errors import BadInput  # noqa: E402
 
 runner = CliRunner()
 MODEL, DATA = "tests.tiny_llama:build", "tests.tiny_llama:dataset"
@@ -174,3 +175,21 @@ def test_mutated_gguf_copies_are_refused_or_name_only_their_buyer(llm, tmp_path)
         assert named is None or named["name"] == own, (i, named)
         outcomes["own" if named else "nobody"] += 1
     assert outcomes["refused"] > 10 and outcomes["own"] > 5, outcomes
+
+
+def test_a_strength_below_the_search_floor_is_tried_not_crashed(tmp_path):
+    """`init --strength` below calibrate.MIN_STRENGTH with a fidelity target: the asked strength is
+    measured once (a quantized LLM's marks live there: SmolLM2 at 0.003-0.01), not an IndexError."""
+    from wmtrace.schemes.whitebox import calibrate
+
+    master = tiny_llama.write(tmp_path / "master.gguf")
+    reg = wmtrace.open_registry(tmp_path / "registry", create=True)
+    strength = calibrate.MIN_STRENGTH / 4
+    try:
+        m = wmtrace.init(reg, "tiny", master, MODEL, data=DATA, output="tokens", bits=96, strength=strength,
+                         fidelity_target=0.9)
+    except BadInput as e:  # refused with the one trial it measured: this random model's mark is too weak there
+        assert f"{round(strength, 4):g}: " in str(e) and "IndexError" not in str(e)
+        return
+    trials = m.config.schemes["whitebox"]["calibration"]["trials"]
+    assert [t["strength"] for t in trials] == [round(strength, 4)]

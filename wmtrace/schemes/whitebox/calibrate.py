@@ -119,7 +119,7 @@ def search(
     trials: list[Trial] = []
     strength = ceiling
     try:
-        while strength >= MIN_STRENGTH:
+        while strength >= MIN_STRENGTH or not trials:  # a ceiling asked below MIN_STRENGTH is tried once
             t = trial(strength, codewords[0])
             for bits in codewords[1:] if t.fidelity >= target else []:  # confirm on other codewords: the worst counts
                 u = trial(strength, bits)
