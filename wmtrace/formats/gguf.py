@@ -127,9 +127,10 @@ def model_heads(reader) -> tuple[str, tuple[int, int] | None]:
     q = field(reader, f"{arch}.attention.head_count")
     kv = field(reader, f"{arch}.attention.head_count_kv", q)
     try:
-        return arch, (int(q), int(kv)) if q is not None else None
-    except (TypeError, ValueError):
+        heads = (int(q), int(kv)) if q is not None else None
+    except (TypeError, ValueError, OverflowError):
         return arch, None
+    return arch, heads if heads and min(heads) > 0 else None  # a hostile count must not reach reshape
 
 
 class GGUFSource(TensorSource):
@@ -215,11 +216,11 @@ def dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
 def _copy_metadata(reader, writer) -> None:
     """Every key-value pair of `reader` onto `writer`, except those the writer sets itself."""
     gguf = _gguf()
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+    for f in reader.fields.values():
+        if f.name == "general.architecture" or f.name.startswith("GGUF."):
             continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
 
 
 def save_gguf(tensors: dict[str, np.ndarray], template: str | os.PathLike, out: str | os.PathLike,
