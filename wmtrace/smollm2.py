@@ -30,9 +30,10 @@ from .minilm import _split, fortunes
 
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_TOKENS = 64
-# Mark strength (`init --strength`). At 0.003 copies kept 99.45-99.55% next-token agreement, perplexity
-# within 0.01% and 89.5-91.5% of 200 greedy 32-token continuations identical, and were named with no bit
-# error after re-quantization to Q8_0, Q5_1, Q5_0, Q4_1; at 0.01, 99.03-99.28% and 78-83% (BENCHMARKS.md).
+# Mark strength (`init --strength`). At 0.003 copies kept 99.45-99.59% next-token agreement, perplexity
+# within 0.01% and 88.0-91.5% of 200 greedy 32-token continuations identical, and were named with no bit
+# error after re-quantization to every type `requantize` writes, conversion, 2:4 sparsity and a merged
+# LoRA fine-tune; at 0.01, 99.03-99.28% and 78-83% identical (BENCHMARKS.md, *A decoder LLM in GGUF*).
 STRENGTH = 0.003
 # Carriers: the query projections of every fourth layer. Named, not ranked: `init` ranks candidate
 # layers by what a mark costs on 64 real inputs, one forward per candidate, and this model has 210
