@@ -279,6 +279,8 @@ def save_template(source: GGUFSource, out: str | os.PathLike) -> None:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
