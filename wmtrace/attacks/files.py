@@ -71,21 +71,20 @@ def check(attack: Attack, params: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _load(path: str | os.PathLike) -> State:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in formats.load_tensors(path).items()}
+def _load(source: formats.TensorSource) -> State:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in source.items()}
 
 
-def _write(result: State, out: Path, first: str | os.PathLike, types: dict[str, str] | None) -> None:
+def _write(result: State, out: Path, first: formats.TensorSource, types: dict[str, str] | None) -> None:
     """safetensors, or GGUF (a leak as llama.cpp users pass it on): tensors in the types the attack
-    chose (`requantize`), else in the input's."""
+    chose (`requantize`), else in the input's, with the input's metadata."""
     if out.suffix != ".gguf":
         formats.save_safetensors(result, out)
         return
-    source = formats.open_tensors(first)
-    if not source.quants:
+    if not first.quants:
         raise BadInput(f"{out}: writing GGUF needs a GGUF input (its metadata: tokenizer, architecture)")
-    quants = {k: (types or {}).get(k, q) for k, q in source.quants.items()}
-    formats.gguf.save_gguf({k: v.float().numpy() for k, v in result.items()}, first, out, quants)
+    quants = {k: (types or {}).get(k, q) for k, q in first.quants.items()}
+    formats.gguf.save_gguf({k: v.float().numpy() for k, v in result.items()}, first.reader, out, quants)
 
 
 def _sources(attack: Attack, source: str | os.PathLike | Sequence[str | os.PathLike]) -> list:
@@ -120,7 +119,8 @@ def apply(
     files = _sources(attack, source)
     out = Path(out)
     formats.writable_folder(out.parent)
-    states = [_load(f) for f in files]
+    sources = [formats.open_tensors(f) for f in files]
+    states = [_load(s) for s in sources]
     if attack.merges:
         info: dict = {"attack": name, "inputs": [str(f) for f in files], "output": str(out), "file": str(out)}
     else:
@@ -131,7 +131,7 @@ def apply(
         info["model"], info["data"] = factory, data
         trainer = Trainer(modelio.import_object(factory), modelio.import_object(data), seed=values.get("seed", 0))
     result = attack.run(states if attack.merges else states[0], trainer, info, **values)
-    _write(result, out, files[0], info.pop("gguf_types", None))
+    _write(result, out, sources[0], info.pop("gguf_types", None))
     first = states[0]
     info["tensors"] = len(result)
     info["shapes_changed"] = sorted(k for k in first if k in result and result[k].shape != first[k].shape)

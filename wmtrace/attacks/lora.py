@@ -41,13 +41,18 @@ class LoRALinear(nn.Module):
         return self.base
 
 
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding submodule `name`, and its attribute name there."""
+    parent, _, leaf = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), leaf
+
+
 def _wrap(model: nn.Module, targets: list[str], rank: int, alpha: float, g: torch.Generator) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
     if not names:
         raise BadInput(f"lora: no Linear layer named {', '.join(targets)} in the model")
     for n in names:
-        parent, _, leaf = n.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
+        owner, leaf = _owner(model, n)
         setattr(owner, leaf, LoRALinear(getattr(owner, leaf), rank, alpha, g))
     return names
 
@@ -87,8 +92,7 @@ def lora(state: State, trainer: Trainer, steps: int = 500, rank: int = 16, alpha
         opt.step()
         losses.append(float(loss.detach()))
     for n in names:
-        parent, _, leaf = n.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
+        owner, leaf = _owner(model, n)
         setattr(owner, leaf, getattr(owner, leaf).merged())
     if report is not None:
         tail = losses[-max(1, steps // 10):]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -223,33 +225,16 @@ def _copy_metadata(reader, writer) -> None:
         writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
 
 
-def save_gguf(tensors: dict[str, np.ndarray], template: str | os.PathLike, out: str | os.PathLike,
-              quants: dict[str, str] | None = None) -> dict[str, str]:
-    """Write `tensors` (Hugging Face names, float) as a GGUF file with `template`'s metadata and tensor
-    order, each in its type in `quants` (default: the template's own types). Atomic, like every write.
-    Returns the types that had to fall back, by name."""
+@contextmanager
+def _atomic(out: Path, arch: str, metadata) -> Iterator:
+    """A `GGUFWriter` on a hidden file beside `out`, `metadata`'s key-value pairs copied; the caller
+    adds tensors, and the file is written, synced and renamed into place only if nothing failed."""
     gguf = _gguf()
-    template, out = Path(template), Path(out)
-    reader = open_reader(template)
-    arch, heads = model_heads(reader)
-    order = quants if quants is not None else {to_hf(t.name): t.tensor_type.name for t in reader.tensors}
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    fell_back: dict[str, str] = {}
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _copy_metadata(reader, writer)
-        for name, qtype in order.items():
-            if name not in tensors:
-                raise BadInput(f"{out}: no tensor {name!r} to write")
-            w = np.asarray(tensors[name], dtype=np.float32)
-            gname = to_gguf(name)
-            h = _heads(gname, arch, heads)
-            if h and w.shape[0] % (2 * h) == 0:
-                w = permute(w, h)
-            raw, written = quantize(w, qtype)
-            if written != qtype:
-                fell_back[name] = written
-            writer.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[written])
+        _copy_metadata(metadata, writer)
+        yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -263,28 +248,40 @@ def save_gguf(tensors: dict[str, np.ndarray], template: str | os.PathLike, out: 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_gguf(tensors: dict[str, np.ndarray], template, out: str | os.PathLike,
+              quants: dict[str, str] | None = None) -> dict[str, str]:
+    """Write `tensors` (Hugging Face names, float) as a GGUF file with `template`'s metadata and tensor
+    order (a path, or a reader from `open_reader`: parsing a tokenizer's metadata takes seconds, so a run
+    writing many copies opens it once), each in its type in `quants` (default: the template's own).
+    Atomic, like every write. Returns the types that had to fall back, by name."""
+    gguf = _gguf()
+    reader = template if hasattr(template, "fields") else open_reader(Path(template))
+    arch, heads = model_heads(reader)
+    order = quants if quants is not None else {to_hf(t.name): t.tensor_type.name for t in reader.tensors}
+    fell_back: dict[str, str] = {}
+    with _atomic(Path(out), arch, reader) as writer:
+        for name, qtype in order.items():
+            if name not in tensors:
+                raise BadInput(f"{out}: no tensor {name!r} to write")
+            w = np.asarray(tensors[name], dtype=np.float32)
+            gname = to_gguf(name)
+            h = _heads(gname, arch, heads)
+            if h and w.shape[0] % (2 * h) == 0:
+                w = permute(w, h)
+            raw, written = quantize(w, qtype)
+            if written != qtype:
+                fell_back[name] = written
+            writer.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType[written])
     return fell_back
 
 
 def save_template(source: GGUFSource, out: str | os.PathLike) -> None:
     """The master's GGUF metadata (tokenizer, architecture, chat template) without its tensors: what
     `save_gguf` needs besides the weights, a few MB where the model is hundreds."""
-    gguf = _gguf()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        writer = gguf.GGUFWriter(tmp, source.arch)
-        _copy_metadata(source.reader, writer)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise BadInput(f"{out}: cannot write ({e.strerror or first_line(e)})") from e
+    with _atomic(Path(out), source.arch, source.reader):
+        pass
 
 
 def _open(path: Path) -> TensorSource:

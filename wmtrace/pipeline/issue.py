@@ -126,6 +126,7 @@ class _Run:
         self.markers = [schemes.get(name).issuer(master, m, m.config.schemes[name], self.key, stored)
                         for name in names]
         self.dtypes = {k: getattr(torch, v) for k, v in m.config.dtypes.items()}
+        self.template = None  # a GGUF master's metadata, read when the first copy is written
         limit = m.config.eval_samples if eval_samples is None else eval_samples
         self.test = modelio.dataset(m.data, "test") if limit != 0 else None
         self.limit = limit
@@ -166,7 +167,9 @@ class _Run:
         if m.config.format == "gguf":
             path = out / f"{b.name}.gguf"
             arrays = {k: v.float().numpy() for k, v in final.items() if v.is_floating_point()}
-            formats.gguf.save_gguf(arrays, self.reg.template_path(m.weights), path, m.config.quants)
+            if self.template is None:  # parsed once per run: the tokenizer's metadata takes seconds
+                self.template = formats.gguf.open_reader(self.reg.template_path(m.weights))
+            formats.gguf.save_gguf(arrays, self.template, path, m.config.quants)
         elif m.config.shards > 1:
             path = out / b.name
             formats.save_sharded(final, path, m.config.shards)
