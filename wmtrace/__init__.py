@@ -19,6 +19,7 @@ from .api import (
     init,
     issue,
     list_buyers,
+    migrate_registry,
     open_registry,
     open_target,
     query,
@@ -42,6 +43,6 @@ __version__ = "0.6.0"
 __all__ = [
     "BadArgument", "BadInput", "Buyer", "CorruptFile", "InternalError", "Master", "MasterConfig", "Registry",
     "SelfCheckFailed", "TargetFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack",
-    "backup", "collude", "ensure_example", "init", "issue", "list_buyers", "open_registry", "open_target", "query",
-    "restore", "trace",
+    "backup", "collude", "ensure_example", "init", "issue", "list_buyers", "migrate_registry", "open_registry",
+    "open_target", "query", "restore", "trace",
 ]

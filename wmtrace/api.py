@@ -19,12 +19,15 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from . import fidelity, formats, modelio
+from .errors import BadInput
 from .pipeline.issue import Progress, check_buyer_name, check_issue, issue
 from .pipeline.query import query
 from .pipeline.register import EXAMPLE_DATA, EXAMPLE_FACTORY, EXAMPLE_MASTER, ensure_example, init
 from .pipeline.trace import DEFAULT_MAX_FALSE_POSITIVE, TraceResult, trace
-from .registry import Buyer, Registry, default_path
+from .registry import Buyer, Registry, RegistryBackend, default_path, is_postgres
 from .registry import backup as registry_backup
+from .registry import migrate as registry_migrate
+from .registry import open as open_backend
 from .schemes.whitebox.embed import EmbedConfig
 from .targets import open_target
 
@@ -36,14 +39,24 @@ import_object, sha256_file, build_model = modelio.import_object, modelio.sha256_
 __all__ = [
     "DEFAULT_MAX_FALSE_POSITIVE", "DEFAULT_STRENGTH", "EXAMPLE_DATA", "EXAMPLE_FACTORY", "EXAMPLE_MASTER", "Buyer",
     "Progress", "Registry", "TraceResult", "attack", "backup", "check_buyer_name", "check_issue", "collude", "demo",
-    "ensure_example", "init", "issue", "list_buyers", "open_registry", "open_target", "query", "restore", "trace",
+    "ensure_example", "init", "issue", "list_buyers", "migrate_registry", "open_registry", "open_target", "query",
+    "restore", "trace",
 ]
 
 
-def open_registry(path: str | os.PathLike | None = None, create: bool = False) -> Registry:
-    """The registry at `path` ($WMTRACE_REGISTRY or ./registry by default); `create=True` makes it on
-    the first write."""
-    return Registry(path, create=create)
+def open_registry(path: str | os.PathLike | None = None, create: bool = False,
+                  storage: str | None = None) -> RegistryBackend:
+    """The registry at `path` ($WMTRACE_REGISTRY or ./registry by default): a folder, or a
+    `postgresql://` URL shared by many hosts (`storage`: where a new database keeps master files,
+    default $WMTRACE_STORAGE). `create=True` makes it (a folder: on the first write)."""
+    return open_backend(path, create=create, storage=storage)
+
+
+def migrate_registry(src: RegistryBackend, to: str | os.PathLike, storage: str | None = None) -> dict:
+    """Copy the registry `src` into the empty registry at `to` (a folder or a PostgreSQL URL), verified:
+    counts, every master's weights sha256 and key fingerprint, every buyer's sha256 and codeword."""
+    with open_backend(to, create=True, storage=storage) as dst:
+        return registry_migrate.migrate(src, dst)
 
 
 def collude(files: list[str | os.PathLike], how: str, out: str | os.PathLike) -> dict:
@@ -65,12 +78,17 @@ def list_buyers(reg: Registry, master: str | None = None) -> list[Buyer]:
 def backup(reg: Registry, dest: str | os.PathLike) -> dict:
     """Copy the registry (database, keys, masters) into the new folder `dest`, verified; see
     `wmtrace.registry.backup`. The keys are the one thing that must never be lost."""
+    if not isinstance(reg, Registry):
+        raise BadInput(f"{reg.location}: back up a PostgreSQL registry with pg_dump plus its storage, or copy it "
+                       "to a folder with 'wmtrace registry migrate --to FOLDER'")
     return registry_backup.backup(reg, dest)
 
 
 def restore(src: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
     """Install a backup as the registry at `root` (default: $WMTRACE_REGISTRY or ./registry), which
     must hold no registry: a key is never overwritten."""
+    if root is not None and is_postgres(str(root)):
+        raise BadInput("restore into a folder, then copy it to PostgreSQL with 'wmtrace registry migrate --to URL'")
     return registry_backup.restore(src, root if root is not None else default_path())
 
 

@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -30,7 +29,8 @@ out = Console(soft_wrap=True, markup=False, highlight=False)
 err = Console(stderr=True, markup=False, highlight=False)
 
 RegistryOpt = Annotated[
-    Path | None, typer.Option("--registry", help="Registry folder [default: $WMTRACE_REGISTRY or ./registry]")
+    str | None, typer.Option("--registry", help="Registry folder or postgresql:// URL "
+                             "[default: $WMTRACE_REGISTRY or ./registry]")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout")]
 MasterOpt = Annotated[str | None, typer.Option("--master", help="Registered master [default: the only one]")]

@@ -99,12 +99,12 @@ def init(
                      | {"queries": m.config.code.bits} if "blackbox" in m.config.schemes else None),
         "code": {"symbols": m.config.code.symbols, "name": m.config.code.name},
         "key_fingerprint": m.key_fingerprint,
-        "registry": str(reg.root),
+        "registry": reg.location,
     }
     if as_json:
         emit(info)
         return
-    out.print(Text.assemble("registered master ", (m.name, "bold"), f" in {reg.root} (key {m.key_fingerprint})"))
+    out.print(Text.assemble("registered master ", (m.name, "bold"), f" in {reg.location} (key {m.key_fingerprint})"))
     for c in info["carriers"]:
         out.print(f"  carrier {c['name']} {tuple(c['shape'])}: {c['bits']} bits")
     if info["blackbox"]:

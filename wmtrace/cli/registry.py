@@ -1,4 +1,4 @@
-"""`wmtrace registry backup|restore`: the keys are the one thing that must never be lost."""
+"""`wmtrace registry backup|restore|migrate`: the keys are the one thing that must never be lost."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from .. import api
 from .common import JsonOpt, RegistryOpt, emit, group, guarded, out
 
-app = group("Back up and restore the registry: its keys are the one thing that must never be lost.")
+app = group("Back up, restore or migrate the registry: its keys are the one thing that must never be lost.")
 
 
 def _size(n: int) -> str:
@@ -31,7 +31,7 @@ def registry_backup(
         emit(info)
         return
     masters = ", ".join(f"{m['name']} (key {m['key_fingerprint']})" for m in info["masters"]) or "no master"
-    out.print(f"backed up {reg.root} to {info['backup']}: {masters}, {info['buyers']} buyers, "
+    out.print(f"backed up {reg.location} to {info['backup']}: {masters}, {info['buyers']} buyers, "
               f"{len(info['files'])} files, {_size(info['bytes'])}")
     out.print("it holds the secret keys: keep it where only you can read it, away from this machine")
 
@@ -52,3 +52,24 @@ def registry_restore(
     out.print(f"restored {info['source']} (taken {info['created']}) into {info['registry']}: {masters}, "
               f"{info['buyers']} buyers, {len(info['files'])} files, all verified")
 
+
+
+@app.command("migrate")
+@guarded
+def registry_migrate(
+    to: Annotated[str, typer.Option("--to", help="An empty registry: a folder or a postgresql:// URL")],
+    storage: Annotated[str | None, typer.Option(
+        "--storage", help="Where a new PostgreSQL registry keeps master files [default: $WMTRACE_STORAGE]")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy the registry (masters, keys, buyers, audit log, master files) into another backend, verified."""
+    with api.open_registry(registry) as reg:
+        info = api.migrate_registry(reg, to, storage=storage)
+    if as_json:
+        emit(info)
+        return
+    masters = ", ".join(f"{m['name']} (key {m['key_fingerprint']}, {m['buyers']} buyers)" for m in info["masters"])
+    out.print(f"migrated {info['from']} to {info['to']}: {masters}; {info['buyers']} issued and {info['reserved']} "
+              f"reserved buyers, {info['audit']} audit entries, {info['files']} files ({_size(info['bytes'])}); "
+              "verified: counts, weights sha256, key fingerprints, buyers' sha256 and codewords")

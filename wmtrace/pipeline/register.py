@@ -179,11 +179,11 @@ def _register(reg: Registry, name: str, weights: dict[str, torch.Tensor], stored
             formats.save_safetensors(stored, stored_path)
         if config.format == "gguf":
             formats.gguf.save_template(source, template)
-        if reg.key_path(name).exists():
+        if reg.has_key(name):
             key = reg.key(name)
         else:
             key = keys.generate()
-            keys.write(reg.key_path(name), key)
+            reg.store_key(name, key)
         failpoint.reached("init:key")
         m = Master(name, dest, modelio.sha256_file(dest), factory, data, config, keys.fingerprint(key), accuracy)
         reg.add_master(m)

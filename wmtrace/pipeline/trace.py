@@ -75,7 +75,7 @@ def trace_tensors(
         raise BadArgument("max_false_positive", f"{max_false_positive}: use a probability between 0 and 1")
     masters = [registry.master(master)] if master else registry.masters()
     if not masters:
-        return TraceResult(UNKNOWN_MASTER, file, reason=f"registry {registry.root} has no master")
+        return TraceResult(UNKNOWN_MASTER, file, reason=f"registry {registry.location} has no master")
 
     # Locate: masters whose carriers match best are tried first; the first that decodes claims the
     # file (two masters can be near-identical, e.g. the same weights registered twice).

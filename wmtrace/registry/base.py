@@ -1,5 +1,5 @@
-"""What a registry backend implements. `sqlite.Registry` is the first; a PostgreSQL one would be a
-second module implementing this protocol, keeping keys in files (`store.Files`), never in the database.
+"""What a registry backend implements: `sqlite.Registry` (a folder, keys in 0600 files) and
+`postgres.Registry` (a shared database, keys sealed under the operator's key-encryption key).
 """
 
 from __future__ import annotations
@@ -15,11 +15,16 @@ from .records import Buyer, Master
 
 
 class RegistryBackend(Protocol):
-    root: Path
+    root: Path  # the local folder holding master files (for a remote storage, its mirror)
+    location: str  # the registry as shown to users: a folder, or a URL without its password
 
-    # Files (`store.Files`): keys, master weights, stored tensors.
+    # Keys: checked against the fingerprint registered with the master.
     def key(self, master: str) -> bytes: ...
-    def key_path(self, master: str) -> Path: ...
+    def has_key(self, master: str) -> bool: ...
+    def store_key(self, master: str, key: bytes) -> None:
+        """Keep a new master's key; never overwrites one (BadInput when one is stored)."""
+
+    # Files (`store.Paths`): master weights, stored tensors.
     def weights_path(self, master: str) -> Path: ...
     def moments_path(self, weights: Path) -> Path: ...
     def template_path(self, weights: Path) -> Path: ...
@@ -47,11 +52,15 @@ class RegistryBackend(Protocol):
     def log_query(self, target: str, reveal: str, queries: int, verdict: str, master: str | None,
                   buyer: int | None, colluders: list[int] | None = None) -> None: ...
     def audit_log(self, limit: int = 100) -> list[dict]: ...
+    def import_records(self, buyers: list[Buyer], audit: list[dict]) -> None:
+        """Copy buyers (any status) and audit entries (oldest first) from another registry
+        (`registry migrate`); reservations arrive without an owner, so the next `reserve` takes them."""
+
     def close(self) -> None: ...
 
 
 def _conforms(backend: type) -> Iterator[str]:
     """Names of the protocol's methods that `backend` lacks (tests/test_registry.py checks none)."""
     for name in dir(RegistryBackend):
-        if not name.startswith("_") and name != "root" and not callable(getattr(backend, name, None)):
+        if not name.startswith("_") and name not in ("root", "location") and not callable(getattr(backend, name, None)):
             yield name

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..errors import BadInput, UnknownMaster
+from .owners import pid_alive as _owner_alive
+from .owners import pid_owner as _owner
 from .records import Buyer, Master, MasterConfig
 from .store import Files, Layout, default_path
 
@@ -58,25 +59,6 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL
 );
 """
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _owner_alive(owner: str | None) -> bool:
-    if not owner:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname():
-        return True  # cannot tell for another machine; leave it alone
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return True
 
 
 class Registry(Files):
@@ -322,6 +304,17 @@ class Registry(Files):
                     "DELETE FROM buyers WHERE master = ? AND id = ? AND status = 'reserved'", (master, i)
                 )
             self.audit(c, "release", master, ids=ids)
+
+    def import_records(self, buyers: list[Buyer], audit: list[dict]) -> None:
+        with self.transaction() as c:
+            for b in buyers:
+                c.execute("INSERT INTO buyers (master, id, name, status, codeword, file, sha256, agreement, accuracy, "
+                          "margin, cosine, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          (b.master, b.id, b.name, b.status, b.codeword, b.file, b.sha256, b.agreement, b.accuracy,
+                           b.margin, b.cosine, time.time()))
+            for e in audit:
+                c.execute("INSERT INTO audit (at, action, master, detail) VALUES (?, ?, ?, ?)",
+                          (e["at"], e["action"], e["master"], json.dumps(e["detail"], sort_keys=True)))
 
     def log_trace(
         self, file: str, verdict: str, master: str | None, buyer: int | None, colluders: list[int] | None = None

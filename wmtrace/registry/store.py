@@ -127,18 +127,20 @@ class Layout:
             os.close(fd)  # closing releases the lock
 
 
-class Files:
-    """What a registry keeps in files, whatever holds its records: keys (never in a database, shared or
-    not), master weights and their stored tensors. A backend provides `layout` and `fingerprint`."""
+class Paths:
+    """A registry's master files, wherever its records are: master weights and their stored tensors.
+    A backend provides `layout` and `fingerprint`."""
 
     layout: Layout
+
+    @property
+    def location(self) -> str:
+        """The registry as shown to the user (a database URL without its password, or the folder)."""
+        return str(self.layout.root)
 
     def fingerprint(self, master: str) -> str | None:
         """The registered key fingerprint of `master` (None: not registered)."""
         raise NotImplementedError
-
-    def key_path(self, master: str) -> Path:
-        return self.layout.key(master)
 
     def weights_path(self, master: str) -> Path:
         return self.layout.weights(master)
@@ -163,13 +165,28 @@ class Files:
         except Exception as e:
             raise BadInput(f"{path}: stored placement metric of master {m.name!r} is unreadable ({e})") from e
 
-    def key(self, master: str) -> bytes:
-        """The master's secret, checked against the fingerprint recorded at registration: a key file
-        swapped or regenerated is refused rather than used to accuse anyone."""
-        key = keys.read(self.key_path(master))
+    def _check_fingerprint(self, master: str, key: bytes, where: str) -> bytes:
+        """A key swapped or regenerated is refused rather than used to accuse anyone."""
         recorded = self.fingerprint(master)
         if recorded is not None and recorded != keys.fingerprint(key):
-            raise BadInput(f"{self.key_path(master)}: key file does not belong to master {master!r} "
+            raise BadInput(f"{where}: key does not belong to master {master!r} "
                            "(fingerprint differs from the registered one); restore the key from a backup")
         return key
 
+
+class Files(Paths):
+    """Keys in 0600 files of the registry folder (the SQLite backend)."""
+
+    def key_path(self, master: str) -> Path:
+        return self.layout.key(master)
+
+    def has_key(self, master: str) -> bool:
+        return self.key_path(master).exists()
+
+    def store_key(self, master: str, key: bytes) -> None:
+        """Write the master's key file (0600); never overwrites one."""
+        keys.write(self.key_path(master), key)
+
+    def key(self, master: str) -> bytes:
+        """The master's secret, checked against the fingerprint recorded at registration."""
+        return self._check_fingerprint(master, keys.read(self.key_path(master)), f"{self.key_path(master)}")

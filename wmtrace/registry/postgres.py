@@ -1,0 +1,325 @@
+"""The PostgreSQL backend: one registry shared by every host that issues or traces (psycopg 3).
+
+What SQLite guarantees on one machine holds here across hosts. IDs are reserved under a per-master
+transaction-scoped advisory lock, so no ID is handed out twice; a reservation carries a lease (server
+clock) renewed by a heartbeat while its process lives, and `reserve` takes over expired ones, so a
+worker killed anywhere is resumed, not duplicated. `complete` works from any process (issuing on Ray
+completes on workers) but only once per reservation. Master keys are stored sealed under the operator's
+KEK (`keystore`), never in the clear; master files live in a storage (`storage`) recorded at creation.
+The schema is versioned: `MIGRATIONS` are applied in order at connect, and a newer one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg.rows import dict_row
+
+from ..errors import BadInput, UnknownMaster
+from . import keystore
+from .location import mask
+from .owners import Heartbeat, lease_owner, lease_seconds
+from .records import Buyer, Master, MasterConfig
+from .storage import Storage
+from .store import Paths
+
+NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"  # the server's clock: hosts' clocks may differ
+LOCK_ID = 0x776D7472  # pg_advisory_lock key of the registry-wide lock ("wmtr")
+MIGRATIONS: list[str] = [
+    # 1: the tables.
+    """
+    CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE masters (
+        name TEXT PRIMARY KEY, weights TEXT NOT NULL, weights_sha256 TEXT NOT NULL, factory TEXT NOT NULL,
+        data TEXT, config TEXT NOT NULL, key_fingerprint TEXT NOT NULL, accuracy DOUBLE PRECISION,
+        created DOUBLE PRECISION NOT NULL);
+    CREATE TABLE master_keys (
+        master TEXT PRIMARY KEY, nonce BYTEA NOT NULL, sealed BYTEA NOT NULL, kek_fingerprint TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL);
+    CREATE TABLE buyers (
+        master TEXT NOT NULL REFERENCES masters(name), id INTEGER NOT NULL, name TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('reserved', 'issued')), owner TEXT, lease_until DOUBLE PRECISION,
+        codeword TEXT, file TEXT, sha256 TEXT, agreement DOUBLE PRECISION, accuracy DOUBLE PRECISION,
+        margin DOUBLE PRECISION, cosine DOUBLE PRECISION, created DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (master, id), UNIQUE (master, name));
+    CREATE TABLE audit (
+        seq BIGSERIAL PRIMARY KEY, at DOUBLE PRECISION NOT NULL, action TEXT NOT NULL, master TEXT,
+        detail TEXT NOT NULL);
+    """,
+    # 2: reservations found by lease without reading issued buyers (takeover scans on every reserve).
+    "CREATE INDEX buyers_reserved ON buyers (master, lease_until) WHERE status = 'reserved'",
+]
+
+
+def _connect(url: str) -> psycopg.Connection:
+    try:
+        return psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=30)
+    except psycopg.Error as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise BadInput(f"registry {mask(url)}: cannot connect ({reason})") from None
+
+
+class Registry(Paths):
+    """A registry in a PostgreSQL database. `create=True` lays out the schema in an empty database and
+    records the storage (`storage`, else $WMTRACE_STORAGE, else ./wmtrace-storage) every client then uses."""
+
+    location: str = ""  # the URL without its password
+
+    def __init__(self, url: str, create: bool = False, storage: str | None = None):
+        self.url, self.location = url, mask(url)
+        self.conn = _connect(url)
+        self.owner, self.lease = lease_owner(), lease_seconds()
+        self._heartbeat = Heartbeat(self._renew, self.lease)
+        self._lock_conn: psycopg.Connection | None = None
+        self._lock_depth = 0
+        try:
+            self._migrate(create, storage)
+            self.storage = Storage(self._setting("storage"))
+        except BaseException:
+            self.conn.close()
+            raise
+        self.layout, self.root = self.storage.layout, self.storage.root
+        self.storage.prepare()
+
+    # Schema ----------------------------------------------------------------------------------
+    def _migrate(self, create: bool, storage: str | None) -> None:
+        """Bring the schema to `len(MIGRATIONS)` in one transaction (serialized by an advisory lock)."""
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID + 1,))
+            exists = self.conn.execute("SELECT to_regclass('schema_version') IS NOT NULL AS t").fetchone()["t"]
+            if not exists:
+                if not create:
+                    raise BadInput(f"no wmtrace registry at {self.location} (run 'wmtrace init' or 'wmtrace issue')")
+                self.conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                self.conn.execute("INSERT INTO schema_version VALUES (0)")
+            version = self.conn.execute("SELECT version FROM schema_version").fetchone()["version"]
+            if version > len(MIGRATIONS):
+                raise BadInput(f"registry {self.location} has schema version {version}, written by a newer wmtrace "
+                               f"(this one knows up to {len(MIGRATIONS)}); upgrade wmtrace")
+            try:
+                for v in range(version, len(MIGRATIONS)):
+                    self.conn.execute(MIGRATIONS[v])
+            except psycopg.Error as e:
+                raise BadInput(f"registry {self.location}: cannot apply schema version {v + 1} ({e})") from None
+            self.conn.execute("UPDATE schema_version SET version = %s", (len(MIGRATIONS),))
+            if version == 0:
+                where = storage or os.environ.get("WMTRACE_STORAGE") or os.path.abspath("wmtrace-storage")
+                self.conn.execute("INSERT INTO settings VALUES ('storage', %s)", (where,))
+
+    def schema_version(self) -> int:
+        return self.conn.execute("SELECT version FROM schema_version").fetchone()["version"]
+
+    def _setting(self, name: str) -> str:
+        return self.conn.execute("SELECT value FROM settings WHERE name = %s", (name,)).fetchone()["value"]
+
+    def close(self) -> None:
+        self._heartbeat.stop()
+        for c in (self._lock_conn, self.conn):
+            if c is not None:
+                c.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _rows(self, sql: str, args: tuple | list = ()) -> list[dict]:
+        return self.conn.execute(sql, args).fetchall()
+
+    @contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection]:
+        try:
+            with self.conn.transaction():
+                yield self.conn
+        except psycopg.errors.UniqueViolation as e:
+            raise BadInput(f"registry {self.location}: {e.diag.message_detail or e}") from None
+        except psycopg.OperationalError as e:
+            raise BadInput(f"registry {self.location}: cannot write ({e})") from None
+
+    def audit(self, c: psycopg.Connection, action: str, master: str | None, **detail) -> None:
+        c.execute("INSERT INTO audit (at, action, master, detail) VALUES (%s, %s, %s, %s)",
+                  (time.time(), action, master, json.dumps(detail, sort_keys=True)))
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Registry-wide, on a connection of its own (the server releases it if this process dies)."""
+        if self._lock_depth == 0:
+            self._lock_conn = _connect(self.url)
+            self._lock_conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_ID,))
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                self._lock_conn.close()  # closing the session releases the lock
+                self._lock_conn = None
+
+    # Keys ------------------------------------------------------------------------------------
+    def fingerprint(self, master: str) -> str | None:
+        rows = self._rows("SELECT key_fingerprint FROM masters WHERE name = %s", (master,))
+        return rows[0]["key_fingerprint"] if rows else None
+
+    def has_key(self, master: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM master_keys WHERE master = %s", (master,)))
+
+    def store_key(self, master: str, key: bytes) -> None:
+        kek = keystore.load_kek()
+        nonce, sealed = keystore.seal(kek, master, key)
+        with self._tx() as c:
+            cur = c.execute("INSERT INTO master_keys VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                            (master, nonce, sealed, keystore.kek_fingerprint(kek), time.time()))
+            if cur.rowcount != 1:
+                raise BadInput(f"registry {self.location}: master {master!r} already has a key; refusing to overwrite")
+
+    def key(self, master: str) -> bytes:
+        rows = self._rows("SELECT * FROM master_keys WHERE master = %s", (master,))
+        if not rows:
+            raise BadInput(f"registry {self.location}: no key for master {master!r}; restore it from a backup")
+        r = rows[0]
+        key = keystore.unseal(keystore.load_kek(), master, bytes(r["nonce"]), bytes(r["sealed"]), r["kek_fingerprint"])
+        return self._check_fingerprint(master, key, f"registry {self.location}")
+
+    # Masters ---------------------------------------------------------------------------------
+    def add_master(self, m: Master) -> None:
+        self.storage.upload([m.weights, self.moments_path(m.weights), self.template_path(m.weights)])
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM masters WHERE name = %s", (m.name,)).fetchone():
+                raise BadInput(f"master {m.name!r} is already registered")
+            c.execute("INSERT INTO masters VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                      (m.name, m.weights.relative_to(self.root).as_posix(), m.weights_sha256, m.factory, m.data,
+                       json.dumps(m.config.to_json(), sort_keys=True), m.key_fingerprint, m.accuracy, time.time()))
+            self.audit(c, "init", m.name, factory=m.factory, weights_sha256=m.weights_sha256)
+
+    def _master(self, row: dict) -> Master:
+        weights = self.storage.fetch(self.root / row["weights"], row["weights_sha256"])
+        for extra in (self.moments_path(weights), self.template_path(weights)):
+            self.storage.fetch(extra)
+        return Master(row["name"], weights, row["weights_sha256"], row["factory"], row["data"],
+                      MasterConfig.from_json(json.loads(row["config"]), row["name"]), row["key_fingerprint"],
+                      row["accuracy"])
+
+    def masters(self) -> list[Master]:
+        return [self._master(r) for r in self._rows("SELECT * FROM masters ORDER BY created")]
+
+    def master(self, name: str | None = None) -> Master:
+        """The named master, or the only one when no name is given."""
+        ms = self.masters()
+        if name is None:
+            if len(ms) == 1:
+                return ms[0]
+            if not ms:
+                raise UnknownMaster(f"registry {self.location} has no master yet (run 'wmtrace init')")
+            raise BadInput(f"registry has several masters ({', '.join(m.name for m in ms)}); choose one with --master")
+        for m in ms:
+            if m.name == name:
+                return m
+        raise UnknownMaster(f"unknown master {name!r} in registry {self.location}")
+
+    # Buyers ----------------------------------------------------------------------------------
+    @staticmethod
+    def _buyer(r: dict) -> Buyer:
+        return Buyer(r["master"], r["id"], r["name"], r["status"], r["file"], r["sha256"], r["agreement"],
+                     r["accuracy"], r["margin"], r["codeword"], cosine=r["cosine"])
+
+    def buyers(self, master: str | None = None, status: str | None = "issued") -> list[Buyer]:
+        q, args = "SELECT * FROM buyers WHERE TRUE", []
+        if master is not None:
+            q, args = q + " AND master = %s", [*args, master]
+        if status is not None:
+            q, args = q + " AND status = %s", [*args, status]
+        return [self._buyer(r) for r in self._rows(q + " ORDER BY master, id", args)]
+
+    def buyer(self, master: str, buyer_id: int) -> Buyer | None:
+        rows = self._rows("SELECT * FROM buyers WHERE master = %s AND id = %s", (master, buyer_id))
+        return self._buyer(rows[0]) if rows else None
+
+    def reserve(self, master: str, names: list[str | None]) -> list[Buyer]:
+        """One new ID per name (None: generated), expired reservations taken over first; leased to this
+        process and renewed by its heartbeat until completed or released."""
+        out: list[Buyer] = []
+        with self._tx() as c:
+            c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_ID, master))
+            stale = c.execute(f"SELECT * FROM buyers WHERE master = %s AND status = 'reserved' AND "
+                              f"(lease_until IS NULL OR lease_until < {NOW}) ORDER BY id", (master,)).fetchall()
+            wanted = list(names)
+            for r in stale:  # a stale reservation completes a wanted name, or stands in for a generated one
+                slot = r["name"] if r["name"] in wanted else (None if None in wanted else False)
+                if slot is False:
+                    continue
+                wanted.remove(slot)
+                c.execute(f"UPDATE buyers SET owner = %s, lease_until = {NOW} + %s WHERE master = %s AND id = %s",
+                          (self.owner, self.lease, master, r["id"]))
+                out.append(self._buyer(r))
+            top = c.execute("SELECT COALESCE(MAX(id), 0) AS top FROM buyers WHERE master = %s", (master,)).fetchone()
+            for i, name in enumerate(wanted, start=top["top"] + 1):
+                name = name or f"buyer-{i:04d}"
+                if c.execute("SELECT 1 FROM buyers WHERE master = %s AND name = %s", (master, name)).fetchone():
+                    raise BadInput(f"buyer name {name!r} is already registered for master {master!r}")
+                c.execute(f"INSERT INTO buyers (master, id, name, status, owner, lease_until, created) "
+                          f"VALUES (%s, %s, %s, 'reserved', %s, {NOW} + %s, %s)",
+                          (master, i, name, self.owner, self.lease, time.time()))
+                out.append(Buyer(master, i, name, "reserved"))
+            self.audit(c, "reserve", master, ids=[b.id for b in out], owner=self.owner)
+        if out:
+            self._heartbeat.start()
+        return out
+
+    def _renew(self) -> None:
+        """The heartbeat: extend every lease this process holds (on its own connection, from its thread)."""
+        if not hasattr(self, "_beat_conn"):
+            self._beat_conn = _connect(self.url)
+        self._beat_conn.execute(f"UPDATE buyers SET lease_until = {NOW} + %s WHERE owner = %s AND status = 'reserved'",
+                                (self.lease, self.owner))
+
+    def complete(self, b: Buyer) -> None:
+        """Record an issued copy; from any process, once (a reservation already completed is refused)."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE buyers SET status = 'issued', owner = NULL, lease_until = NULL, codeword = %s, file = %s, "
+                "sha256 = %s, agreement = %s, accuracy = %s, margin = %s, cosine = %s "
+                "WHERE master = %s AND id = %s AND status = 'reserved'",
+                (b.codeword, b.file, b.sha256, b.agreement, b.accuracy, b.margin, b.cosine, b.master, b.id))
+            if cur.rowcount != 1:
+                raise BadInput(f"buyer {b.id} of master {b.master!r} is not reserved (completed or released already)")
+            self.audit(c, "issue", b.master, id=b.id, name=b.name, sha256=b.sha256, file=b.file)
+
+    def release(self, master: str, ids: list[int]) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM buyers WHERE master = %s AND id = ANY(%s) AND status = 'reserved'", (master, ids))
+            self.audit(c, "release", master, ids=ids)
+
+    def import_records(self, buyers: list[Buyer], audit: list[dict]) -> None:
+        with self._tx() as c:
+            for b in buyers:
+                c.execute("INSERT INTO buyers (master, id, name, status, codeword, file, sha256, agreement, accuracy, "
+                          "margin, cosine, created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                          (b.master, b.id, b.name, b.status, b.codeword, b.file, b.sha256, b.agreement, b.accuracy,
+                           b.margin, b.cosine, time.time()))
+            for e in audit:
+                c.execute("INSERT INTO audit (at, action, master, detail) VALUES (%s, %s, %s, %s)",
+                          (e["at"], e["action"], e["master"], json.dumps(e["detail"], sort_keys=True)))
+
+    def log_trace(self, file: str, verdict: str, master: str | None, buyer: int | None,
+                  colluders: list[int] | None = None) -> None:
+        extra = {"colluders": colluders} if colluders else {}
+        with self._tx() as c:
+            self.audit(c, "trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
+
+    def log_query(self, target: str, reveal: str, queries: int, verdict: str, master: str | None,
+                  buyer: int | None, colluders: list[int] | None = None) -> None:
+        extra = {"colluders": colluders} if colluders else {}
+        with self._tx() as c:
+            self.audit(c, "query", master, target=target, reveal=reveal, queries=queries, verdict=verdict,
+                       buyer=buyer, **extra)
+
+    def audit_log(self, limit: int = 100) -> list[dict]:
+        rows = self._rows("SELECT * FROM audit ORDER BY seq DESC LIMIT %s", (limit,))
+        return [{"seq": r["seq"], "at": r["at"], "action": r["action"], "master": r["master"],
+                 "detail": json.loads(r["detail"])} for r in rows]
