@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
@@ -239,6 +240,11 @@ class Registry(Paths):
     def buyer(self, master: str, buyer_id: int) -> Buyer | None:
         rows = self._rows("SELECT * FROM buyers WHERE master = %s AND id = %s", (master, buyer_id))
         return self._buyer(rows[0]) if rows else None
+
+    def issued_ids(self, master: str) -> np.ndarray:
+        rows = self.conn.execute("SELECT id FROM buyers WHERE master = %s AND status = 'issued' ORDER BY id",
+                                 (master,), prepare=False).fetchall()
+        return np.fromiter((r["id"] for r in rows), np.int64, len(rows))
 
     def reserve(self, master: str, names: list[str | None]) -> list[Buyer]:
         """One new ID per name (None: generated), expired reservations taken over first; leased to this

@@ -1,0 +1,200 @@
+"""The PostgreSQL registry on a real server (tests/pg.py): IDs, leases, sealed keys, schema versions,
+storage, `registry migrate`, and the CLI end to end."""
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests import pg as fixtures
+from wmtrace import registry
+from wmtrace.coding import keys
+from wmtrace.coding.codes import CodeSpec
+from wmtrace.errors import BadInput
+from wmtrace.registry import Master, MasterConfig, keystore, mask
+from wmtrace.registry import postgres as pg
+from wmtrace.registry.base import _conforms
+
+ROOT = Path(__file__).resolve().parents[1]
+pg_server, pg_url, kek = fixtures.pg_server, fixtures.pg_url, fixtures.kek
+CONFIG = MasterConfig(CodeSpec(), {})
+
+
+def _master(reg, name: str = "m", key: bytes | None = None) -> Master:
+    key = key or keys.generate()
+    with reg.lock():
+        weights = reg.weights_path(name)
+        weights.write_bytes(b"x")
+        reg.store_key(name, key)
+        m = Master(name, weights, "0" * 64, "pkg:build", None, CONFIG, keys.fingerprint(key), 0.9)
+        reg.add_master(m)
+    return m
+
+
+@pytest.fixture
+def reg(pg_url, kek, tmp_path):
+    r = registry.open(pg_url, create=True, storage=str(tmp_path / "storage"))
+    yield r
+    r.close()
+
+
+def test_the_backend_conforms_to_the_protocol():
+    assert list(_conforms(pg.Registry)) == []
+
+
+def test_passwords_are_masked():
+    assert mask("postgresql://u:s3cret@h:5432/db?sslmode=require") == "postgresql://u:***@h:5432/db?sslmode=require"
+    assert mask("postgres://h/db?user=u&password=s3cret") == "postgres://h/db?user=u&password=***"
+    assert mask("/srv/registry") == "/srv/registry"
+
+
+def test_url_chooses_the_backend_and_a_missing_registry_is_an_error(pg_url, tmp_path):
+    with pytest.raises(BadInput, match="no wmtrace registry at"):
+        registry.open(pg_url)
+    assert isinstance(registry.open(tmp_path / "r", create=True), registry.Registry)
+    with pytest.raises(BadInput, match="cannot connect") as e:
+        registry.open("postgresql://nobody:hunter2@127.0.0.1:1/none")
+    assert "hunter2" not in str(e.value)
+
+
+def test_reserve_complete_from_another_process_and_only_once(reg, pg_url):
+    a, b = reg.reserve("m", [None, "acme"]) if _master(reg) else None
+    assert (a.id, b.id, b.name) == (1, 2, "acme") and reg.buyers("m") == []
+    b.status, b.file, b.sha256 = "issued", "f", "s"
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_complete, args=(pg_url, b))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    assert [x.name for x in reg.buyers("m")] == ["acme"]
+    with pytest.raises(BadInput, match="not reserved"):
+        reg.complete(b)
+    with pytest.raises(BadInput, match="already registered"):
+        reg.reserve("m", ["acme"])
+    assert [e["action"] for e in reg.audit_log()][:2] == ["issue", "reserve"]
+
+
+def _complete(url: str, b) -> None:
+    with registry.open(url) as r:
+        r.complete(b)
+
+
+def _reserve(url: str, n: int, q) -> None:
+    with registry.open(url) as r:
+        q.put([b.id for _ in range(n) for b in r.reserve("m", [None])])
+
+
+def test_concurrent_processes_never_share_an_id(reg, pg_url):
+    _master(reg)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_reserve, args=(pg_url, 15, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    ids = [i for _ in procs for i in q.get(timeout=120)]
+    for p in procs:
+        p.join(timeout=60)
+    assert sorted(ids) == list(range(1, 61))
+
+
+def _hold(url: str, lease: str, q) -> None:
+    os.environ["WMTRACE_LEASE_SECONDS"] = lease
+    r = registry.open(url)
+    q.put([b.id for b in r.reserve("m", [None, None])])
+    time.sleep(600)  # killed by the test
+
+
+def test_leases_live_while_renewed_and_are_taken_over_once_expired(reg, pg_url, monkeypatch):
+    """A live holder's heartbeat keeps its IDs past several leases; killed, they pass to the next reserve."""
+    _master(reg)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_hold, args=(pg_url, "2", q))
+    p.start()
+    held = q.get(timeout=120)
+    time.sleep(5)  # 2.5 leases: renewed every 0.5 s
+    assert [b.id for b in reg.reserve("m", [None])] == [3]
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    time.sleep(2.5)  # one lease after the last renewal
+    assert sorted(b.id for b in reg.reserve("m", [None, None, None])) == [*held, 4]
+    owners = {r[0] for r in psycopg.connect(pg_url).execute("SELECT owner FROM buyers")}
+    assert owners == {reg.owner}
+
+
+def test_keys_are_sealed_and_need_the_right_kek(reg, pg_url, kek, monkeypatch, tmp_path):
+    key = keys.generate()
+    _master(reg, key=key)
+    with psycopg.connect(pg_url) as c:
+        dump = "\n".join(repr(row) for t in ("masters", "master_keys", "audit", "settings")
+                         for row in c.execute(f"SELECT * FROM {t}"))
+        raw = b"".join(bytes(r[0]) for r in c.execute("SELECT sealed FROM master_keys"))
+    assert key.hex() not in dump and key not in raw and kek.hex() not in dump
+    assert reg.key("m") == key
+    monkeypatch.delenv("WMTRACE_KEK_FILE")
+    assert [m.name for m in reg.masters()] == ["m"]  # listing needs no KEK
+    with pytest.raises(BadInput, match="no key-encryption key"):
+        reg.key("m")
+    monkeypatch.setenv("WMTRACE_KEK", os.urandom(32).hex())
+    with pytest.raises(BadInput, match="fingerprint check failed"):
+        reg.key("m")
+    loose = tmp_path / "loose-kek"
+    loose.write_text(kek.hex())
+    loose.chmod(0o644)
+    monkeypatch.setenv("WMTRACE_KEK_FILE", str(loose))
+    with pytest.raises(BadInput, match="accessible by other users"):
+        reg.key("m")
+    monkeypatch.setenv("WMTRACE_KEK", kek.hex())
+    monkeypatch.delenv("WMTRACE_KEK_FILE")
+    with psycopg.connect(pg_url, autocommit=True) as c:  # a sealed key moved to another master does not open
+        c.execute("INSERT INTO master_keys SELECT 'other', nonce, sealed, kek_fingerprint, created FROM master_keys")
+    with pytest.raises(BadInput, match="fails authentication"):
+        reg.key("other")
+    with pytest.raises(BadInput, match="refusing to overwrite"):
+        reg.store_key("m", keys.generate())
+
+
+def test_an_older_schema_is_upgraded_and_a_newer_one_refused(pg_url, kek, tmp_path, monkeypatch):
+    monkeypatch.setattr(pg, "MIGRATIONS", pg.MIGRATIONS[:1])
+    with registry.open(pg_url, create=True, storage=str(tmp_path)) as old:
+        _master(old)
+        old.reserve("m", ["acme"])
+        assert old.schema_version() == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("WMTRACE_KEK_FILE", str(tmp_path / "kek"))
+    (tmp_path / "kek").write_text(kek.hex())
+    (tmp_path / "kek").chmod(0o600)
+    with registry.open(pg_url) as new:
+        assert new.schema_version() == len(pg.MIGRATIONS) == 2
+        assert [b.name for b in new.buyers("m", status="reserved")] == ["acme"]
+        with psycopg.connect(pg_url) as c:
+            assert c.execute("SELECT to_regclass('buyers_reserved') IS NOT NULL").fetchone()[0]
+            c.execute("UPDATE schema_version SET version = 99")
+            c.commit()
+    with pytest.raises(BadInput, match="schema version 99, written by a newer wmtrace"):
+        registry.open(pg_url)
+
+
+def test_remote_storage_is_mirrored_and_checked(pg_url, kek, tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("WMTRACE_CACHE", str(tmp_path / "cache1"))
+    with registry.open(pg_url, create=True, storage="memory://wmtrace-test/store") as r:
+        weights = r.weights_path("m")
+        weights.write_bytes(b"weights")
+        key = keys.generate()
+        r.store_key("m", key)
+        r.add_master(Master("m", weights, keystore.hashlib.sha256(b"weights").hexdigest(), "pkg:build", None,
+                            CONFIG, keys.fingerprint(key), None))
+    monkeypatch.setenv("WMTRACE_CACHE", str(tmp_path / "cache2"))  # another host: nothing mirrored yet
+    with registry.open(pg_url) as r:
+        m = r.master("m")
+        assert m.weights.is_relative_to(tmp_path / "cache2") and m.weights.read_bytes() == b"weights"
+    fsspec.filesystem("memory").pipe("/wmtrace-test/store/masters/m.safetensors", b"altered")
+    monkeypatch.setenv("WMTRACE_CACHE", str(tmp_path / "cache3"))
+    with registry.open(pg_url) as r, pytest.raises(BadInput, match="differs from the registered sha256"):
+        r.master("m")
