@@ -15,6 +15,8 @@ inside the model's own folder, and only from regular files. Every failure is a o
     folder.py       which files of a folder (or an index) are the model
     untrusted.py    what a hostile file declares, checked against what it holds
     write.py        save_safetensors, save_sharded, export_onnx
+    stream.py       safetensors written as a stream (header from entries, bytes chunk by chunk); a file read by range
+    patch.py        a buyer's patch file: the tensors that differ from the master, and its manifest
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput, first_line
-from . import checkpoint, folder, gguf, grids, onnx, safetensors, untrusted
+from . import checkpoint, folder, gguf, grids, onnx, patch, safetensors, stream, untrusted
 from .safetensors import _read as _read  # tests that count safetensors reads wrap it
 from .source import Reader, TensorSource
 from .write import export_onnx, save_safetensors, save_sharded, writable_folder
@@ -35,7 +37,7 @@ from .write import export_onnx, save_safetensors, save_sharded, writable_folder
 READERS: list[Reader] = [safetensors.READER, gguf.READER, onnx.READER, checkpoint.READER]
 
 __all__ = ["READERS", "Reader", "TensorSource", "export_onnx", "gguf", "grids", "load_tensors", "open_tensors",
-           "save_safetensors", "save_sharded", "writable_folder"]
+           "patch", "save_safetensors", "save_sharded", "stream", "writable_folder"]
 
 
 def _reader(path: Path) -> Reader:

@@ -12,37 +12,23 @@ import numpy as np
 import torch
 
 from ..errors import BadInput, first_line
+from . import stream
 
 
 def save_safetensors(
     tensors: dict[str, np.ndarray | torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write atomically: a reader never sees half a file, and a full disk leaves the old one intact."""
-    from safetensors.torch import save_file
-
+    """Write atomically: a reader never sees half a file, and a full disk leaves the old one intact.
+    The bytes are those `safetensors.torch.save_file` writes, produced by `stream` (the writer that
+    also materializes copies from patches, so a full copy and a materialized one are the same bytes)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    ts: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for k, v in tensors.items():
-        t = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu().contiguous()
-        storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if storage in seen and t.numel():  # tied weights: safetensors refuses shared memory
-            t = t.clone()
-        seen.add(storage)
-        ts[k] = t
+    ts = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
     try:
-        save_file(ts, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        stream.write_atomic(path, stream.tensors_chunks(ts, metadata), digest=False)
+    except BadInput:
+        raise
     except Exception as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-        raise BadInput(f"{path}: cannot write ({reason})") from e
+        raise BadInput(f"{path}: cannot write ({first_line(e)})") from e
 
 
 def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: str | os.PathLike, dynamo: bool = False) -> None:
