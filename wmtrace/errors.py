@@ -30,6 +30,9 @@ class BadArgument(BadInput):
         self.param, self.problem = param, problem
         super().__init__(f"{param} {problem}")
 
+    def __reduce__(self):  # pickled as its two arguments: it crosses from Ray workers to the driver
+        return (type(self), (self.param, self.problem))
+
     def flag(self) -> str:
         return f"--{self.param.replace('_', '-')} {self.problem}"
 

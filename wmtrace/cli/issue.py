@@ -30,6 +30,14 @@ def issue(
         int | None, typer.Option(help="Held-out samples to measure each copy's fidelity on (0: skip) [default: all]")
     ] = None,
     registry: RegistryOpt = None,
+    ray: Annotated[
+        str | None, typer.Option("--ray", metavar="ADDRESS",
+                                 help="Issue on a Ray cluster: its head's HOST:PORT, or 'auto' to join "
+                                 "$RAY_ADDRESS or the cluster last started on this host (else start one)")
+    ] = None,
+    ray_workers: Annotated[
+        int | None, typer.Option(help="Ray actors, each holding the master [default: one per CPU of the cluster]")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Turn the master into buyer copies, each carrying its buyer's ID, each verified by tracing it."""
@@ -58,7 +66,8 @@ def issue(
     count = {"done": 0, "of": len(name_list) if name_list is not None else buyers}
     try:
         with bar:
-            issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress, eval_samples=eval_samples)
+            issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress, eval_samples=eval_samples,
+                               ray=ray, ray_workers=ray_workers)
     except KeyboardInterrupt:
         rest = "run the same command again: names already issued are skipped" if name_list is not None else \
             f"'--buyers {count['of'] - count['done']}' issues the rest"

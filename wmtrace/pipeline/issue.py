@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,15 +72,22 @@ def issue(
     progress: Progress | None = None,
     seed: int | None = None,
     eval_samples: int | None = None,
+    ray: str | bool | None = None,
+    ray_workers: int | None = None,
 ) -> list[Buyer]:
     """Issue buyer copies; returns those issued by this call.
 
     `buyers=N` issues N more copies (a killed run's reservations count among them); a `names` list is
     idempotent: names already issued are skipped. `eval_samples` overrides how many held-out samples
     measure each copy's fidelity (the master's setting by default: all); 0 skips the measurement, the
-    largest cost per buyer.
+    largest cost per buyer. `ray` issues on a Ray cluster (True: `ray.init()`, else its address) with
+    `ray_workers` actors (one per CPU by default); see `pipeline.distributed`.
     """
     wanted = check_issue(buyers, names, eval_samples)
+    if ray:  # Ray and the module that uses it are imported only here
+        from . import distributed
+
+        distributed.check(ray, ray_workers)
     m = reg.master(master) if master or reg.masters() else ensure_example(reg)
     if names is not None:
         have = {b.name for b in reg.buyers(m.name)}
@@ -88,6 +96,9 @@ def issue(
             return []
     out = Path(out) if out is not None else Path.cwd() / "buyers" / m.name
     formats.writable_folder(out)
+    if ray:
+        return distributed.issue_on_ray(reg, m, wanted, out, ray, seed=seed, eval_samples=eval_samples,
+                                        progress=progress, workers=ray_workers)
     run = _Run(reg, m, eval_samples)
     reserved = reg.reserve(m.name, wanted)
     failpoint.reached("issue:reserved")
@@ -113,6 +124,7 @@ class _Run:
     scheme's marker, the held-out data and the master's outputs on it."""
 
     def __init__(self, reg: Registry, m: Master, eval_samples: int | None):
+        start = time.perf_counter()
         self.reg, self.m = reg, m
         self.key = reg.key(m.name)
         model, self.extras = modelio.build(m)
@@ -135,6 +147,7 @@ class _Run:
         self.master_out, self.labels = (fidelity.stream_outputs(model, modelio.stream(self.test, limit),
                                                                 m.config.output)
                                         if self.test is not None else (None, None))
+        self.load_s = time.perf_counter() - start  # paid once per process (per Ray actor)
 
     def one(self, b: Buyer, out: Path, seed: int, progress) -> None:
         """Mark, check and write one copy; fills in `b` (file, sha256, margin, fidelity, codeword).
@@ -143,15 +156,18 @@ class _Run:
         `BACKOFF_STEPS` times: `init` chose the strength on a trial codeword, and on EfficientNet-Lite0
         another codeword at the same strength agreed 1 point less (BENCHMARKS.md, *1000-class copies*)."""
         m = self.m
+        laps = _Laps()
         bits = codes.codeword(self.key, m.name, b.id, m.config.code)
         scale = 1.0
         for attempt in range(BACKOFF_STEPS + 1):
             model, final = self._mark(bits, seed, progress, scale)
             b.margin = min(marker.margin(model, bits) for marker in self.markers)
+            laps.lap("place")
             if self.test is None:
                 break
             ours, _ = fidelity.stream_outputs(model, modelio.stream(self.test, self.limit), m.config.output)
             _measure(b, ours, self.master_out, self.labels, m.config.output)
+            laps.lap("fidelity")
             if _meets(b, m) or attempt == BACKOFF_STEPS:
                 break
             scale /= math.sqrt(2.0)
@@ -164,6 +180,7 @@ class _Run:
             raise SelfCheckFailed(f"{e}; the copy was marked at {scale:.2f} of the strength to meet the fidelity "
                                   f"target {m.config.fidelity:g}: register the master again with a lower --fidelity"
                                   ) from e
+        laps.lap("self_trace")
         if m.config.format == "gguf":
             path = out / f"{b.name}.gguf"
             arrays = {k: v.float().numpy() for k, v in final.items() if v.is_floating_point()}
@@ -178,6 +195,8 @@ class _Run:
             formats.save_safetensors(final, path)
         b.file, b.sha256, b.status = str(path.resolve()), modelio.sha256_file(path), "issued"
         b.codeword = np.packbits(bits).tobytes().hex()
+        laps.lap("write")
+        b.extra["timings"] = dict(laps)
 
 
     def _mark(self, bits: np.ndarray, seed: int, progress, scale: float) -> tuple[torch.nn.Module, dict]:
@@ -198,6 +217,20 @@ class _Run:
         # GGUF master's grid).
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in final.items()}, strict=False)
         return model, final
+
+
+class _Laps(dict):
+    """Seconds per step of one copy (place, fidelity, self_trace, write), kept in `Buyer.extra["timings"]`
+    (never stored): where issuing time goes, for `benchmarks/bench_ray.py` to project a cluster's rate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self[step] = self.get(step, 0.0) + now - self.last
+        self.last = now
 
 
 def _measure(b: Buyer, ours: torch.Tensor, master: torch.Tensor, labels: torch.Tensor | None, output: str) -> None:
