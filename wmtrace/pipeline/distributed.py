@@ -204,6 +204,7 @@ class _Fleet:
                 result = ray.get(ref)
             except dead:
                 self._drop(actor)
+                b.extra["redispatched"] = b.extra.get("redispatched", 0) + 1
                 queue.appendleft(b)
                 continue
             if isinstance(result, BaseException):
