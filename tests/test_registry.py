@@ -163,3 +163,14 @@ def test_the_sqlite_registry_implements_the_backend_protocol():
     from wmtrace.registry.base import _conforms
 
     assert list(_conforms(Registry)) == []
+
+
+def test_a_stored_key_is_never_overwritten(tmp_path):
+    reg = Registry(tmp_path, create=True)
+    key = keys.generate()
+    assert not reg.has_key("m")
+    reg.store_key("m", key)
+    assert reg.has_key("m") and stat.S_IMODE(reg.key_path("m").stat().st_mode) == 0o600
+    with pytest.raises(BadInput, match="refusing to overwrite"):
+        reg.store_key("m", keys.generate())
+    assert keys.read(reg.key_path("m")) == key

@@ -295,3 +295,10 @@ def test_migrate_sqlite_to_postgres_and_back(workdir, pg_url, kek, tmp_path, iss
         assert [b.public() for b in again.buyers()] == [b.public() for b in issued[1]]
         assert api.trace(b.file, again).buyer == {"id": b.id, "name": b.name}
         assert {e["action"] for e in again.audit_log(1000)} >= {"init", "issue", "migrate"}
+
+
+def test_backup_and_restore_point_to_migrate(reg, tmp_path):
+    with pytest.raises(BadInput, match="pg_dump"):
+        api.backup(reg, tmp_path / "b")
+    with pytest.raises(BadInput, match="registry migrate"):
+        api.restore(tmp_path / "b", reg.url)
