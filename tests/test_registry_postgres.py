@@ -302,3 +302,17 @@ def test_backup_and_restore_point_to_migrate(reg, tmp_path):
         api.backup(reg, tmp_path / "b")
     with pytest.raises(BadInput, match="registry migrate"):
         api.restore(tmp_path / "b", reg.url)
+
+
+def test_a_late_release_does_not_drop_a_reservation_taken_over(reg, pg_url, monkeypatch):
+    """A process whose lease ran out (heartbeat stalled) and that then gives up releases nothing of what
+    another process took over."""
+    _master(reg)
+    monkeypatch.setenv("WMTRACE_LEASE_SECONDS", "1")
+    with registry.open(pg_url) as slow, registry.open(pg_url) as other:
+        ids = [b.id for b in slow.reserve("m", [None, None])]
+        slow._heartbeat.stop()
+        time.sleep(1.5)
+        assert [b.id for b in other.reserve("m", [None, None])] == ids
+        slow.release("m", ids)
+        assert [b.id for b in other.buyers("m", status="reserved")] == ids

@@ -120,7 +120,7 @@ class Registry(Paths):
 
     def close(self) -> None:
         self._heartbeat.stop()
-        for c in (self._lock_conn, self.conn):
+        for c in (self._lock_conn, getattr(self, "_beat_conn", None), self.conn):
             if c is not None:
                 c.close()
 
@@ -297,8 +297,11 @@ class Registry(Paths):
             self.audit(c, "issue", b.master, id=b.id, name=b.name, sha256=b.sha256, file=b.file)
 
     def release(self, master: str, ids: list[int]) -> None:
+        """Drop reservations this process will not complete."""
         with self._tx() as c:
-            c.execute("DELETE FROM buyers WHERE master = %s AND id = ANY(%s) AND status = 'reserved'", (master, ids))
+            # Only this process's: a reservation taken over after its lease ran out is another's now.
+            c.execute("DELETE FROM buyers WHERE master = %s AND id = ANY(%s) AND status = 'reserved' AND owner = %s",
+                      (master, ids, self.owner))
             self.audit(c, "release", master, ids=ids)
 
     def import_records(self, buyers: list[Buyer], audit: list[dict]) -> None:
