@@ -19,6 +19,8 @@ from .api import (
     init,
     issue,
     list_buyers,
+    materialize,
+    materialize_stream,
     migrate_registry,
     open_registry,
     open_target,
@@ -43,6 +45,7 @@ __version__ = "0.6.0"
 __all__ = [
     "BadArgument", "BadInput", "Buyer", "CorruptFile", "InternalError", "Master", "MasterConfig", "Registry",
     "SelfCheckFailed", "TargetFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack",
-    "backup", "collude", "ensure_example", "init", "issue", "list_buyers", "migrate_registry", "open_registry",
+    "backup", "collude", "ensure_example", "init", "issue", "list_buyers", "materialize", "materialize_stream",
+    "migrate_registry", "open_registry",
     "open_target", "query", "restore", "trace",
 ]

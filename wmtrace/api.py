@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 
 from . import fidelity, formats, modelio
 from .errors import BadInput
+from .pipeline import patches
 from .pipeline.issue import Progress, check_buyer_name, check_issue, issue
+from .pipeline.patches import check_store
 from .pipeline.query import query
 from .pipeline.register import EXAMPLE_DATA, EXAMPLE_FACTORY, EXAMPLE_MASTER, ensure_example, init
 from .pipeline.trace import DEFAULT_MAX_FALSE_POSITIVE, TraceResult, trace
@@ -38,9 +40,9 @@ import_object, sha256_file, build_model = modelio.import_object, modelio.sha256_
 
 __all__ = [
     "DEFAULT_MAX_FALSE_POSITIVE", "DEFAULT_STRENGTH", "EXAMPLE_DATA", "EXAMPLE_FACTORY", "EXAMPLE_MASTER", "Buyer",
-    "Progress", "Registry", "TraceResult", "attack", "backup", "check_buyer_name", "check_issue", "collude", "demo",
-    "ensure_example", "init", "issue", "list_buyers", "migrate_registry", "open_registry", "open_target", "query",
-    "restore", "trace",
+    "Progress", "Registry", "TraceResult", "attack", "backup", "check_buyer_name", "check_issue", "check_store",
+    "collude", "demo", "ensure_example", "init", "issue", "list_buyers", "materialize", "materialize_stream",
+    "migrate_registry", "open_registry", "open_target", "query", "restore", "trace",
 ]
 
 
@@ -73,6 +75,21 @@ def collude(files: list[str | os.PathLike], how: str, out: str | os.PathLike) ->
 
 def list_buyers(reg: Registry, master: str | None = None) -> list[Buyer]:
     return reg.buyers(master)
+
+
+def materialize(reg: Registry, buyer: str | int, out: str | os.PathLike, master: str | None = None) -> dict:
+    """Rebuild the full copy of a buyer issued with `store="patch"` into `out` (a file; a folder for a
+    sharded master) from the master's file and the buyer's patch, byte for byte the copy a full issue
+    writes; written atomically and checked against the registered sha256 first (`pipeline.patches`).
+    Returns `buyer`, `file`, `sha256`, `bytes` (the copy's) and `patch_bytes`."""
+    return patches.materialize(reg, buyer, out, master)
+
+
+def materialize_stream(reg: Registry, buyer: str | int, master: str | None = None):
+    """(size, iterator of bytes) of a patched buyer's full copy, for a download server. The sha256 is
+    checked as it streams and the iterator raises at its end on a mismatch: do not complete the
+    response (send the last chunk) until the iterator has finished without raising."""
+    return patches.materialize_stream(reg, buyer, master)
 
 
 def backup(reg: Registry, dest: str | os.PathLike) -> dict:

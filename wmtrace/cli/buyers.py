@@ -16,10 +16,10 @@ def buyers(master: MasterOpt = None, registry: RegistryOpt = None, as_json: Json
     if as_json:
         emit({"buyers": rows})
         return
-    table = Table("master", "id", "name", "agreement", "accuracy", "cosine", "sha256", "file")
+    table = Table("master", "id", "name", "agreement", "accuracy", "cosine", "sha256", "store", "file")
     for r in rows:
         cosine = "-" if r["cosine"] is None else f"{r['cosine']:.5f}"
         table.add_row(r["master"], str(r["id"]), r["name"], pct(r["agreement"]), pct(r["accuracy"]), cosine,
-                      (r["sha256"] or "")[:12], r["file"] or "")
+                      (r["sha256"] or "")[:12], r["store"] or "", r["file"] or "")
     out.print(table)
 

@@ -30,6 +30,10 @@ def issue(
         int | None, typer.Option(help="Held-out samples to measure each copy's fidelity on (0: skip) [default: all]")
     ] = None,
     registry: RegistryOpt = None,
+    store: Annotated[
+        str, typer.Option(help="full: write each copy; patch: BUYER.wmpatch, only what differs from the master "
+                      "('wmtrace materialize' rebuilds the copy)")
+    ] = "full",
     ray: Annotated[
         str | None, typer.Option("--ray", metavar="ADDRESS",
                                  help="Issue on a Ray cluster: its head's HOST:PORT, or 'auto' to join "
@@ -45,6 +49,7 @@ def issue(
     if buyers is None and name_list is None:
         fail("give --buyers N or --names FILE")
     api.check_issue(buyers, name_list, eval_samples)
+    api.check_store(store)
     reg = api.open_registry(registry, create=True)
     if not reg.masters() and master is None and not as_json:
         err.print("no master registered yet: setting up the bundled Fashion-MNIST example")
@@ -67,7 +72,7 @@ def issue(
     try:
         with bar:
             issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress, eval_samples=eval_samples,
-                               ray=ray, ray_workers=ray_workers)
+                               ray=ray, ray_workers=ray_workers, store=store)
     except KeyboardInterrupt:
         rest = "run the same command again: names already issued are skipped" if name_list is not None else \
             f"'--buyers {count['of'] - count['done']}' issues the rest"

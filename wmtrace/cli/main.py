@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from . import attack, buyers, demo, init, issue, query, registry, serve, trace
+from . import attack, buyers, demo, init, issue, materialize, query, registry, serve, trace
 from .common import OneLineErrors
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command()(issue.issue)
 app.command()(trace.trace)
 app.command()(query.query)
 app.command("buyers")(buyers.buyers)
+app.command()(materialize.materialize)
 app.command()(demo.demo)
 app.command()(serve.serve)
 app.add_typer(attack.app, name="attack")

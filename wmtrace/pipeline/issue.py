@@ -19,6 +19,7 @@ from .. import failpoint, fidelity, formats, modelio, schemes, targets
 from ..coding import codes
 from ..errors import BadArgument, BadInput, SelfCheckFailed
 from ..registry import Buyer, Master, Registry
+from . import patches
 from .query import query_target
 from .register import ensure_example
 from .trace import trace_tensors
@@ -73,6 +74,7 @@ def issue(
     seed: int | None = None,
     eval_samples: int | None = None,
     ray: str | bool | None = None,
+    store: str = "full",
     ray_workers: int | None = None,
 ) -> list[Buyer]:
     """Issue buyer copies; returns those issued by this call.
@@ -81,14 +83,20 @@ def issue(
     idempotent: names already issued are skipped. `eval_samples` overrides how many held-out samples
     measure each copy's fidelity (the master's setting by default: all); 0 skips the measurement, the
     largest cost per buyer. `ray` issues on a Ray cluster (True: `ray.init()`, else its address) with
-    `ray_workers` actors (one per CPU by default); see `pipeline.distributed`.
+    `ray_workers` actors (one per CPU by default); see `pipeline.distributed`. `store="patch"` writes
+    BUYER.wmpatch, only what differs from the master, instead of the copy (`pipeline.patches`; the
+    buyer's sha256 is still the full copy's, which `materialize` rebuilds).
     """
     wanted = check_issue(buyers, names, eval_samples)
+    patches.check_store(store)
+    if ray and store != "full":
+        raise BadInput("--store patch is not available with --ray yet: issue patches without --ray")
     if ray:  # Ray and the module that uses it are imported only here
         from . import distributed
 
         distributed.check(ray, ray_workers)
     m = reg.master(master) if master or reg.masters() else ensure_example(reg)
+    patches.check_store(store, m)
     if names is not None:
         have = {b.name for b in reg.buyers(m.name)}
         wanted = [n for n in wanted if n not in have]
@@ -99,7 +107,7 @@ def issue(
     if ray:
         return distributed.issue_on_ray(reg, m, wanted, out, ray, seed=seed, eval_samples=eval_samples,
                                         progress=progress, workers=ray_workers)
-    run = _Run(reg, m, eval_samples)
+    run = _Run(reg, m, eval_samples, store)
     reserved = reg.reserve(m.name, wanted)
     failpoint.reached("issue:reserved")
     done: list[Buyer] = []
@@ -123,7 +131,7 @@ class _Run:
     """What every copy of one master shares in an issuing run, computed once: the master model, each
     scheme's marker, the held-out data and the master's outputs on it."""
 
-    def __init__(self, reg: Registry, m: Master, eval_samples: int | None):
+    def __init__(self, reg: Registry, m: Master, eval_samples: int | None, store: str = "full"):
         start = time.perf_counter()
         self.reg, self.m = reg, m
         self.key = reg.key(m.name)
@@ -139,6 +147,7 @@ class _Run:
                         for name in names]
         self.dtypes = {k: getattr(torch, v) for k, v in m.config.dtypes.items()}
         self.template = None  # a GGUF master's metadata, read when the first copy is written
+        self.patcher = patches.Patcher(m) if store == "patch" else None  # the master's file, mapped once
         limit = m.config.eval_samples if eval_samples is None else eval_samples
         self.test = modelio.dataset(m.data, "test") if limit != 0 else None
         self.limit = limit
@@ -181,7 +190,10 @@ class _Run:
                                   f"target {m.config.fidelity:g}: register the master again with a lower --fidelity"
                                   ) from e
         laps.lap("self_trace")
-        if m.config.format == "gguf":
+        digest = None
+        if self.patcher is not None:  # the copy's sha256 from its bytes in memory, never written whole
+            path, digest = self.patcher.save(b, final, out)
+        elif m.config.format == "gguf":
             path = out / f"{b.name}.gguf"
             arrays = {k: v.float().numpy() for k, v in final.items() if v.is_floating_point()}
             if self.template is None:  # parsed once per run: the tokenizer's metadata takes seconds
@@ -193,7 +205,7 @@ class _Run:
         else:
             path = out / f"{b.name}.safetensors"
             formats.save_safetensors(final, path)
-        b.file, b.sha256, b.status = str(path.resolve()), modelio.sha256_file(path), "issued"
+        b.file, b.sha256, b.status = str(path.resolve()), digest or modelio.sha256_file(path), "issued"
         b.codeword = np.packbits(bits).tobytes().hex()
         laps.lap("write")
         b.extra["timings"] = dict(laps)

@@ -101,4 +101,13 @@ class Buyer:
             "agreement": self.agreement,
             "accuracy": self.accuracy,
             "cosine": self.cosine,
+            "store": self.store,
         }
+
+    @property
+    def store(self) -> str | None:
+        """How the copy is kept: "patch" (`file` is BUYER.wmpatch, `wmtrace materialize` rebuilds the
+        copy whose sha256 is `sha256`) or "full" (`file` is the copy); None before it is issued."""
+        if not self.file:
+            return None
+        return "patch" if self.file.endswith(".wmpatch") else "full"
