@@ -18,7 +18,7 @@ from ..errors import BadArgument, TargetFailed
 from ..registry import Buyer, Master, Registry
 from ..schemes import blackbox
 from ..targets import Answers, Target
-from .trace import COLLUDERS, DEFAULT_MAX_FALSE_POSITIVE, IDENTIFIED, NO_WATERMARK, UNKNOWN_MASTER, TraceResult
+from .trace import COLLUDERS, DEFAULT_MAX_FALSE_POSITIVE, IDENTIFIED, NO_WATERMARK, UNKNOWN_MASTER, Issued, TraceResult
 from .trace import _verdict as verdict
 
 FIRST_LOOK = 64
@@ -97,7 +97,7 @@ def _query_master(target: Target, reg: Registry, m: Master, max_fp: float, budge
     points = looks(len(plan.inputs), plan.reference.boundary, target.reveal, budget)
     share = max_fp / max(1, len(points))
     spec = m.config.code
-    issued = {b.id: b for b in [*reg.buyers(m.name), *pending] if b.master == m.name}
+    issued = Issued(reg, m.name, pending)
     parts: list[Answers] = []
     sent = 0
     result = TraceResult(NO_WATERMARK, target.name, master=m.name, bits=spec.bits, bits_missing=spec.bits)

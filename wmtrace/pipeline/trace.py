@@ -8,13 +8,13 @@ Several masters may match: the best-located is tried first, and the bound is spl
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .. import formats, schemes
-from ..coding import accuse, codes
+from ..coding import accuse, codebook, codes
 from ..errors import BadArgument
 from ..registry import Buyer, Master, Registry
 
@@ -23,6 +23,38 @@ COLLUDERS = "colluders"
 NO_WATERMARK = "no watermark"
 UNKNOWN_MASTER = "unknown master"
 DEFAULT_MAX_FALSE_POSITIVE = 1e-6
+class Issued:
+    """The buyers a verdict may name: their IDs, read without a record per buyer (building 100,000 records
+    took 1.2 of a 2.0 s trace, BENCHMARKS.md *Trace at registry scale*), and the records of those named.
+    `pending` buyers (a copy's self-check before it is recorded) count as issued."""
+
+    def __init__(self, registry: Registry, master: str, pending: Sequence[Buyer] = ()):
+        self.registry, self.master = registry, master
+        self.pending = {b.id: b for b in pending if b.master == master}
+        ids = registry.issued_ids(master)
+        self.ids = np.union1d(ids, list(self.pending)) if self.pending else ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, buyer_id: int | None) -> bool:
+        if buyer_id is None:
+            return False
+        i = int(np.searchsorted(self.ids, buyer_id))
+        return i < len(self.ids) and int(self.ids[i]) == buyer_id
+
+    def __getitem__(self, buyer_id: int) -> Buyer:
+        b = self.pending.get(buyer_id) or self.registry.buyer(self.master, buyer_id)
+        if b is None:
+            raise KeyError(buyer_id)
+        return b
+
+    def codewords(self, key: bytes, spec: codes.CodeSpec) -> np.ndarray:
+        """Their codewords, in `ids` order, from the master's cached table (`coding.codebook`)."""
+        return codebook.codewords(key, self.master, self.ids, spec,
+                                  self.registry.cache_path(f"{self.master}.codebook"))
+
+
 @dataclass
 class TraceResult:
     verdict: str
@@ -123,13 +155,12 @@ def _trace_master(
     if known.any() and float(np.nanmax(np.abs(soft))) < 1e-6:
         result.reason = "carrier weights equal the master's: this is the unmarked master"
         return result
-    issued = {b.id: b for b in [*registry.buyers(m.name), *pending] if b.master == m.name}
-    _verdict(result, soft, key, m.name, spec, issued, max_false_positive)
+    _verdict(result, soft, key, m.name, spec, Issued(registry, m.name, pending), max_false_positive)
     return result
 
 
 def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spec: codes.CodeSpec,
-             issued: dict[int, Buyer], max_false_positive: float) -> None:
+             issued: Issued, max_false_positive: float) -> None:
     """Decode, then accuse by score: one buyer by decoding alone is `identified`; anything else that
     clears the bound is `colluders`; nothing is `no watermark`."""
 
@@ -138,8 +169,8 @@ def _verdict(result: TraceResult, soft: np.ndarray, key: bytes, master: str, spe
         return buyer_id if buyer_id in issued else None
 
     decoded = codes.decode(soft, spec, check, max(1, len(issued)), max_false_positive)
-    ids = sorted(issued)
-    words = codes.codewords(key, master, ids, spec)
+    ids = [int(i) for i in issued.ids]
+    words = issued.codewords(key, spec)
     z = accuse.scores(soft, words, spec)
     accused = accuse.accuse_scores(z, max_false_positive)
     result.best_score = round(float(z.max()), 3) if len(z) else None

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+
 from ..errors import BadInput, UnknownMaster
 from .owners import pid_alive as _owner_alive
 from .owners import pid_owner as _owner
@@ -51,6 +53,7 @@ CREATE TABLE IF NOT EXISTS buyers (
     PRIMARY KEY (master, id),
     UNIQUE (master, name)
 );
+CREATE INDEX IF NOT EXISTS buyers_issued ON buyers (master, status, id);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -133,9 +136,10 @@ class Registry(Files):
     def _migrate(self) -> None:
         """Columns added since a registry was created; old registries keep working."""
         have = {r["name"] for r in self.conn.execute("PRAGMA table_info(buyers)")}
-        if "cosine" not in have:
+        added = [] if "cosine" in have else ["ALTER TABLE buyers ADD COLUMN cosine REAL"]
+        for sql in [*added, "CREATE INDEX IF NOT EXISTS buyers_issued ON buyers (master, status, id)"]:
             try:
-                self.conn.execute("ALTER TABLE buyers ADD COLUMN cosine REAL")
+                self.conn.execute(sql)
             except sqlite3.OperationalError:  # added by a process opening it at the same time, or read-only
                 pass
 
@@ -250,6 +254,17 @@ class Registry(Files):
     def buyer(self, master: str, buyer_id: int) -> Buyer | None:
         rows = self._rows("SELECT * FROM buyers WHERE master = ? AND id = ?", (master, buyer_id))
         return self._buyer(rows[0]) if rows else None
+
+    def issued_ids(self, master: str) -> np.ndarray:
+        """Read from the (master, status, id) index alone, as plain tuples: 100,000 IDs in about 40 ms,
+        against 320 ms through the table as `sqlite3.Row`s (BENCHMARKS.md *Trace at registry scale*)."""
+        if self.conn is None:
+            return np.zeros(0, np.int64)
+        cur = self.conn.cursor()
+        cur.row_factory = None
+        cur.execute("SELECT id FROM buyers WHERE master = ? AND status = 'issued' ORDER BY id", (master,))
+        ids = np.array(cur.fetchall(), dtype=np.int64).reshape(-1)
+        return ids
 
     def reserve(self, master: str, names: list[str | None]) -> list[Buyer]:
         """Reserve one new ID per name (None: a generated name), taking over reservations
