@@ -7,6 +7,7 @@ import filecmp
 import hashlib
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
@@ -156,10 +157,25 @@ def test_stream_checks_the_sha256_as_it_goes(single, tmp_path):
 
 
 def _tamper(src: Path, dst: Path) -> None:
-    """A copy of the patch with one byte of its last tensor's values flipped (header intact)."""
-    data = bytearray(src.read_bytes())
+    """A well-formed copy of the patch whose first stored tensor has one byte changed: only the
+    sha256 of the rebuilt copy can tell."""
+    manifest, tensors = patch.read(src)
+    key = next(k for k in tensors if k[:2] in ("t/", "v/", "x/"))
+    if key.startswith("x/"):
+        raw = bytearray(zlib.decompress(tensors[key].numpy().tobytes()))
+        raw[len(raw) // 2] ^= 0x01
+        tensors[key] = torch.frombuffer(bytearray(zlib.compress(bytes(raw))), dtype=torch.uint8)
+    else:
+        flat = tensors[key].contiguous().reshape(-1).view(torch.uint8)
+        flat[0] ^= 0x01
+    patch.write(dst, manifest, tensors)
+
+
+def _flip(path: Path) -> None:
+    """One byte near the end of the file flipped, header intact."""
+    data = bytearray(path.read_bytes())
     data[-3] ^= 0x40
-    dst.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
 
 
 def _point(reg, name: str, path: Path) -> None:
@@ -199,6 +215,9 @@ def test_missing_corrupt_and_tampered_patches_are_refused(private):
     path.write_bytes(good)
     _tamper(path, path)
     _refused(reg, tmp / "a.safetensors", CorruptFile, "altered")
+    path.write_bytes(good)
+    _flip(path)
+    _refused(reg, tmp / "a.safetensors", CorruptFile, "altered|XOR delta")
     path.unlink()
     _refused(reg, tmp / "a.safetensors", BadInput, "patch file missing")
 
@@ -224,6 +243,23 @@ def test_a_changed_master_is_refused(private):
     _refused(reg, tmp / "a.safetensors", BadInput, "master's weights changed")
 
 
+def test_xor_deltas_round_trip_and_refuse_bombs(tmp_path):
+    """Every element moved by about 2% (as a mark moves a carrier): stored as XOR planes, smaller
+    than the tensor, exact; a delta that inflates beyond the tensor is refused."""
+    g = torch.Generator().manual_seed(2)
+    master = {"w": torch.randn(256, 128, generator=g)}
+    formats.save_safetensors(master, tmp_path / "m.safetensors")
+    copy = {"w": master["w"] * (1 + 0.02 * torch.randn(256, 128, generator=g))}
+    with stream.FileTensors(tmp_path / "m.safetensors") as f:
+        tensors = patch.diff(copy, f)
+    assert set(tensors) == {"x/w"} and tensors["x/w"].numel() < 0.8 * copy["w"].numel() * 4
+    base = master["w"].reshape(-1).view(torch.uint8).numpy()
+    back = patch.unxor_planes(base, tensors["x/w"].numpy().tobytes(), 4)
+    assert back.tobytes() == copy["w"].numpy().tobytes()
+    with pytest.raises(CorruptFile, match="inflates"):
+        patch.unxor_planes(base, zlib.compress(bytes(10 * len(base))), 4)
+
+
 @pytest.mark.parametrize("shard", ["../evil.safetensors", "sub/evil.safetensors", ".hidden.safetensors",
                                    "model.safetensors.index.json", "a/../../b.safetensors"])
 def test_path_tricks_in_a_manifest_are_refused(private, shard):
@@ -240,7 +276,7 @@ def test_manifest_lies_are_refused(private):
     manifest, tensors = patch.read(path)
     name = next(iter(manifest.patched))
     lies = [
-        lambda m, t: t.pop(f"t/{name}"),
+        lambda m, t: t.pop(next(k for k in t if k[2:] == name)),
         lambda m, t: t.update({"t/extra": torch.zeros(1)}),
         lambda m, t: m.patched.update({"nowhere": "whole"}),
         lambda m, t: m.entries.append(m.entries[0]),

@@ -10,6 +10,7 @@ multiple of 8. `save_safetensors` writes through this module, so every copy come
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -82,8 +84,8 @@ def tensor_chunks(t: torch.Tensor, chunk: int = CHUNK) -> Iterator[memoryview]:
         yield view[start:start + chunk]
 
 
-def chunks(entries: Iterable[Entry], read: Callable[[Entry], Iterable[bytes | memoryview]],
-           metadata: dict[str, str] | None = None) -> Iterator[bytes | memoryview]:
+def chunks(entries: Iterable[Entry], read: Callable[[Entry], Iterable[bytes | memoryview | Range]],
+           metadata: dict[str, str] | None = None) -> Iterator[bytes | memoryview | Range]:
     """A whole file's bytes: the header, then `read(entry)` for each entry in file order. Each entry's
     bytes are counted: a source that gives more or fewer than the header declares is a bug, refused."""
     header, ordered = layout(entries, metadata)
@@ -115,10 +117,7 @@ def write_atomic(path: str | os.PathLike, pieces: Iterable[bytes | memoryview],
     try:
         with open(tmp, "wb") as f:
             for piece in pieces:
-                if h is not None:
-                    h.update(piece)
-                f.write(piece)
-                size += len(piece)
+                size += put(f, piece, h)
             f.flush()
             os.fsync(f.fileno())
         if check is not None:
@@ -133,6 +132,58 @@ def write_atomic(path: str | os.PathLike, pieces: Iterable[bytes | memoryview],
             raise BadInput(f"{path}: cannot write ({e.strerror or first_line(e)})") from e
         raise
     return h.hexdigest() if h is not None else None
+
+
+class Range:
+    """A stretch of an open file, standing for its bytes: a writer to a file has the kernel copy it
+    (`copy_file_range`, no trip through Python's memory), anything else reads it (`data`). On this
+    2-core machine a 2.2 GB master written from a memory map took 22.8 s against 9.8 s for
+    `shutil.copyfile`; copied by the kernel (and read once for the sha256), 17.5 s."""
+
+    __slots__ = ("fd", "offset", "length")
+
+    def __init__(self, fd: int, offset: int, length: int):
+        self.fd, self.offset, self.length = fd, offset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self) -> bytes:
+        data = os.pread(self.fd, self.length, self.offset)
+        if len(data) != self.length:
+            raise CorruptFile(f"a file being read shrank ({len(data)} of {self.length} bytes at {self.offset})")
+        return data
+
+
+def data(piece: bytes | memoryview | Range) -> bytes | memoryview:
+    """A piece's bytes in memory."""
+    return piece.read() if isinstance(piece, Range) else piece
+
+
+def put(f: BinaryIO, piece: bytes | memoryview | Range, h=None) -> int:
+    """Write one piece to the open file `f` (and into the hash `h`, if given); returns its length."""
+    if not isinstance(piece, Range):
+        if h is not None:
+            h.update(piece)
+        f.write(piece)
+        return len(piece)
+    if h is not None:
+        h.update(piece.read())
+    f.flush()
+    done = 0
+    while done < piece.length:
+        try:
+            n = os.copy_file_range(piece.fd, f.fileno(), piece.length - done, piece.offset + done)
+        except OSError as e:  # no kernel copy between these files: read and write instead
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = 0
+        if n == 0:
+            rest = Range(piece.fd, piece.offset + done, piece.length - done).read()
+            f.write(rest)
+            n = len(rest)
+        done += n
+    return piece.length
 
 
 def shard_groups(entries: list[Entry], shards: int) -> list[list[Entry]]:
@@ -156,7 +207,7 @@ def index_json(files: list[tuple[str, list[Entry]]]) -> bytes:
 
 
 class FileTensors:
-    """A safetensors file read range by range: each tensor's bytes come from the file (memory-mapped),
+    """A safetensors file read range by range: each tensor's bytes come from the file when asked for,
     never all at once. For the registry's own master files, whose sha256 is recorded; a hostile file
     goes through `formats.open_tensors` instead."""
 
@@ -181,13 +232,12 @@ class FileTensors:
             if e.dtype not in TORCH or end - begin != e.nbytes or self.base + end > size:
                 raise CorruptFile(f"{self.path}: tensor {k!r} does not match its declared dtype, shape or offsets")
             self.entries[k], self.offsets[k] = e, (self.base + begin, self.base + end)
-        self._map = np.memmap(self._file, dtype=np.uint8, mode="r") if size else np.empty(0, np.uint8)
 
-    def raw(self, name: str, chunk: int = CHUNK) -> Iterator[memoryview]:
-        """The tensor's bytes as stored, chunk by chunk."""
+    def raw(self, name: str, chunk: int = CHUNK) -> Iterator[Range]:
+        """The tensor's bytes as stored, chunk by chunk, as ranges of the file (`Range`)."""
         begin, end = self.offsets[name]
         for start in range(begin, end, chunk):
-            yield memoryview(self._map[start:min(start + chunk, end)])
+            yield Range(self._file.fileno(), start, min(chunk, end - start))
 
     def converted(self, name: str, dtype: str, chunk: int = CHUNK) -> Iterator[memoryview | bytes]:
         """The tensor's bytes in `dtype` (torch's element-wise rounding, the same chunk by chunk as
@@ -198,19 +248,19 @@ class FileTensors:
             return
         step = max(1, chunk // SIZES[src]) * SIZES[src]
         for piece in self.raw(name, step):
-            t = torch.frombuffer(bytearray(piece), dtype=TORCH[src]) if len(piece) else torch.empty(0, dtype=TORCH[src])
+            t = torch.frombuffer(bytearray(piece.read()), dtype=TORCH[src]) if len(piece) else \
+                torch.empty(0, dtype=TORCH[src])
             yield t.to(TORCH[dtype]).view(torch.uint8).numpy().tobytes()
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor in memory (a copy, writable)."""
         e = self.entries[name]
         begin, end = self.offsets[name]
-        data = bytearray(self._map[begin:end])
+        data = bytearray(Range(self._file.fileno(), begin, end - begin).read())
         t = torch.frombuffer(data, dtype=TORCH[e.dtype]) if data else torch.empty(0, dtype=TORCH[e.dtype])
         return t.reshape(e.shape)
 
     def close(self) -> None:
-        self._map = None
         self._file.close()
 
     def __enter__(self) -> FileTensors:

@@ -57,7 +57,7 @@ def digest(copy_parts: list[Part]) -> tuple[str, int]:
         if name:
             h.update(name.encode() + b"\0")
         for piece in pieces():
-            h.update(piece)
+            h.update(stream.data(piece))
             size += len(piece)
     return h.hexdigest(), size
 
@@ -136,6 +136,14 @@ class Source:
             base = self.master.tensor(e.name).to(stream.TORCH[e.dtype]).contiguous()
             base[self.tensors[f"r/{e.name}"]] = self.tensors[f"v/{e.name}"]
             return stream.tensor_chunks(base)
+        if kind == "xor":
+            base = self.master.tensor(e.name).to(stream.TORCH[e.dtype]).contiguous().reshape(-1).view(torch.uint8)
+            try:
+                raw = patch.unxor_planes(base.numpy(), self.tensors[f"x/{e.name}"].numpy().tobytes(),
+                                         stream.SIZES[e.dtype])
+            except CorruptFile as err:
+                raise CorruptFile(f"{self.buyer.file}: tensor {e.name!r}: {err}") from err
+            return iter([memoryview(raw)])
         return self.master.converted(e.name, e.dtype)
 
     def verify(self, sha: str) -> None:
@@ -182,8 +190,7 @@ def _write_folder(src: Source, out: Path) -> str:
             h.update(name.encode() + b"\0")
             with open(tmp / name, "wb") as f:
                 for piece in pieces():
-                    h.update(piece)
-                    f.write(piece)
+                    stream.put(f, piece, h)
                 f.flush()
                 os.fsync(f.fileno())
         src.verify(h.hexdigest())
@@ -212,8 +219,9 @@ def materialize_stream(reg: Registry, buyer: str | int, master: str | None = Non
         h = hashlib.sha256()
         try:
             for piece in src.parts[0][1]():
+                piece = bytes(stream.data(piece))
                 h.update(piece)
-                yield bytes(piece)
+                yield piece
             src.verify(h.hexdigest())
         finally:
             src.close()
