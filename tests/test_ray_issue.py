@@ -19,11 +19,13 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+from tests import pg as fixtures
 from wmtrace import api
 from wmtrace.cli import app
 
 ray = pytest.importorskip("ray")
 MASTER = "small"
+pg_server, pg_url, kek = fixtures.pg_server, fixtures.pg_url, fixtures.kek
 NODE_START_S = 90
 
 
@@ -41,6 +43,11 @@ class Cluster:
         self.tmp, self.port = tmp, free_port()
         # Ray's socket paths must fit in 107 bytes: its session folder cannot live under pytest's.
         self.sessions = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        # Without token authentication, said explicitly: a head node otherwise turns it on when a token
+        # is in ~/.ray/auth_token (any earlier `ray.init()` leaves one), and this process, which read
+        # Ray's settings when it imported ray, would be refused.
+        self.env = pytest.MonkeyPatch()
+        self.env.setenv("RAY_AUTH_MODE", "disabled")
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[subprocess.Popen] = []
 
@@ -96,6 +103,7 @@ class Cluster:
         for node in reversed(self.nodes):
             self.stop(node)
         shutil.rmtree(self.sessions, ignore_errors=True)
+        self.env.undo()
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +184,17 @@ def test_killed_workers_lose_and_duplicate_no_buyer(cluster, workdir):
     assert sum(b.extra.get("redispatched", 0) for b in issued) >= 1  # at least the copy written, not completed
     check_all_issued_once(reg, out, 4, 6)
     cluster.stop(doomed)
+
+
+def test_actors_complete_into_a_postgresql_registry(cluster, workdir, pg_url, kek, tmp_path):
+    """A registry URL: every actor opens the database itself, the sealed key opened with the KEK file
+    the driver names (forwarded to the actors; the nodes were started without it)."""
+    with api.open_registry(workdir / "registry") as src:
+        api.migrate_registry(src, pg_url, storage=str(tmp_path / "storage"))
+    with api.open_registry(pg_url) as reg:
+        issued = api.issue(reg, buyers=3, out=tmp_path / "out", ray=cluster.address, eval_samples=0)
+        assert [b.id for b in issued] == [4, 5, 6]
+        check_all_issued_once(reg, tmp_path / "out", 4, 3)
 
 
 def test_without_ray_nothing_of_ray_is_imported(workdir):

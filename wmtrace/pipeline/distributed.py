@@ -36,6 +36,10 @@ IN_FLIGHT = 2
 # Actors started to replace dead ones before the run gives up (per actor asked for).
 RESPAWNS = 2
 CONNECT_TIMEOUT_S = 5.0
+# The driver's settings that actors need to open a PostgreSQL registry, forwarded to them: the KEK
+# file's path (the file itself on a shared disk). An inline $WMTRACE_KEK is a secret, never sent
+# through Ray: set it on each node instead.
+FORWARDED_ENV = ("WMTRACE_KEK_FILE",)
 STOP_TIMEOUT_S = 30.0
 
 
@@ -174,6 +178,9 @@ class _Fleet:
                  eval_samples: int | None):
         self.ray = ray
         self.cls = ray.remote(num_cpus=1, max_restarts=0)(_Worker)
+        forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        if forwarded:
+            self.cls = self.cls.options(runtime_env={"env_vars": forwarded})
         self.args = (location, master, fingerprint, str(out), token, eval_samples)
         self.actors: list = []
         self.inflight: dict = {}  # ObjectRef -> (actor, buyer)
