@@ -1,6 +1,7 @@
 """The `wmtrace` application: one module per command (or group), assembled here.
 
-Every command takes `--registry DIR` (default: $WMTRACE_REGISTRY or ./registry) and `--json`.
+Every command takes `--registry DIR|URL` (a folder or a postgresql:// URL; default: $WMTRACE_REGISTRY or
+./registry) and `--json`.
 """
 
 from __future__ import annotations
