@@ -197,6 +197,17 @@ def test_actors_complete_into_a_postgresql_registry(cluster, workdir, pg_url, ke
         check_all_issued_once(reg, tmp_path / "out", 4, 3)
 
 
+def test_patches_issued_on_a_cluster_materialize_to_the_registered_copy(cluster, workdir):
+    reg = api.open_registry(workdir / "registry")
+    issued = api.issue(reg, buyers=2, out=workdir / "patches", ray=cluster.address, eval_samples=0, store="patch")
+    for b in issued:
+        assert b.file.endswith(".wmpatch")
+        full = workdir / f"{b.name}.safetensors"
+        api.materialize(reg, b.id, full)
+        assert sha256(str(full)) == b.sha256
+        assert api.trace(full, reg).buyer == {"id": b.id, "name": b.name}
+
+
 def test_without_ray_nothing_of_ray_is_imported(workdir):
     code = (
         "import sys; from wmtrace import api; from wmtrace.cli import app; "

@@ -24,12 +24,12 @@ import pickle
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import failpoint, registry
 from ..errors import BadArgument, BadInput, InternalError, WmtraceError
 from ..registry import Buyer, Master, RegistryBackend
-from .issue import Progress, _Run
 
 # Buyers queued per actor: the next is waiting when one finishes, and a dead actor strands at most two.
 IN_FLIGHT = 2
@@ -63,14 +63,15 @@ def check(address: str | bool, workers: int | None) -> None:
 
 
 def issue_on_ray(
-    reg: RegistryBackend, m: Master, wanted: list[str | None], out: Path, address: str | bool, *,
-    seed: int | None = None, eval_samples: int | None = None, progress: Progress | None = None,
+    reg: RegistryBackend, m: Master, wanted: list[str | None], out: Path, address: str | bool, make_run: Callable, *,
+    seed: int | None = None, eval_samples: int | None = None, progress: Callable | None = None,
     workers: int | None = None,
 ) -> list[Buyer]:
     """Issue `wanted` (names, None for generated ones) of master `m` on the Ray cluster at `address`
     (True or "auto": `ray.init()`, which joins $RAY_ADDRESS or the cluster last started here, else
     starts one; "local": a new one here; else HOST:PORT);
-    `workers` actors (one per CPU of the cluster by default). Returns the buyers in ID order."""
+    `workers` actors (one per CPU of the cluster by default), each holding `make_run(reg, m, eval_samples)`
+    (`issue._Run`, handed in so that this module needs nothing of `issue`). Returns the buyers in ID order."""
     check(address, workers)
     import ray
 
@@ -86,7 +87,8 @@ def issue_on_ray(
         if not reserved:
             return []
         n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        fleet = _Fleet(ray, _location(reg), m.name, reg.fingerprint(m.name), out, token.name, eval_samples)
+        fleet = _Fleet(ray, (_location(reg), m.name, reg.fingerprint(m.name), str(out), token.name, eval_samples,
+                             make_run))
         try:
             done = fleet.run(reserved, min(n, len(reserved)), seed, progress)
         except BaseException:
@@ -115,7 +117,7 @@ class _Worker:
     actor error always means the process died."""
 
     def __init__(self, location: str, master: str, fingerprint: str | None, out: str, token: str,
-                 eval_samples: int | None):
+                 eval_samples: int | None, make_run: Callable):
         self.error: BaseException | None = None
         self.out = Path(out)
         start = time.perf_counter()
@@ -127,7 +129,7 @@ class _Worker:
             if self.reg.fingerprint(master) != fingerprint:
                 raise BadInput(f"{location}: not the driver's registry on Ray node {socket.gethostname()} "
                                "(another master key); use a shared disk or a registry URL")
-            self.run = _Run(self.reg, self.reg.master(master), eval_samples)
+            self.run = make_run(self.reg, self.reg.master(master), eval_samples)
         except Exception as e:  # noqa: BLE001 - handed to the driver, which raises it
             self.error = _portable(e)
         self.load_s = time.perf_counter() - start
@@ -174,14 +176,13 @@ def _portable(e: Exception) -> Exception:
 class _Fleet:
     """The actors of one run and the buyers in flight on each."""
 
-    def __init__(self, ray, location: str, master: str, fingerprint: str | None, out: Path, token: str,
-                 eval_samples: int | None):
+    def __init__(self, ray, args: tuple):
         self.ray = ray
         self.cls = ray.remote(num_cpus=1, max_restarts=0)(_Worker)
         forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
         if forwarded:
             self.cls = self.cls.options(runtime_env={"env_vars": forwarded})
-        self.args = (location, master, fingerprint, str(out), token, eval_samples)
+        self.args = args  # `_Worker`'s
         self.actors: list = []
         self.inflight: dict = {}  # ObjectRef -> (actor, buyer)
         self.done: list[Buyer] = []
@@ -189,7 +190,7 @@ class _Fleet:
     def _spawn(self) -> None:
         self.actors.append(self.cls.remote(*self.args))
 
-    def run(self, reserved: list[Buyer], n: int, seed: int | None, progress: Progress | None) -> list[Buyer]:
+    def run(self, reserved: list[Buyer], n: int, seed: int | None, progress: Callable | None) -> list[Buyer]:
         ray = self.ray
         dead = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
         queue = collections.deque(reserved)

@@ -6,6 +6,7 @@ killed mid-run leaves reservations that the next run takes over (`Registry.reser
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -89,8 +90,6 @@ def issue(
     """
     wanted = check_issue(buyers, names, eval_samples)
     patches.check_store(store)
-    if ray and store != "full":
-        raise BadInput("--store patch is not available with --ray yet: issue patches without --ray")
     if ray:  # Ray and the module that uses it are imported only here
         from . import distributed
 
@@ -105,8 +104,8 @@ def issue(
     out = Path(out) if out is not None else Path.cwd() / "buyers" / m.name
     formats.writable_folder(out)
     if ray:
-        return distributed.issue_on_ray(reg, m, wanted, out, ray, seed=seed, eval_samples=eval_samples,
-                                        progress=progress, workers=ray_workers)
+        return distributed.issue_on_ray(reg, m, wanted, out, ray, functools.partial(_Run, store=store), seed=seed,
+                                        eval_samples=eval_samples, progress=progress, workers=ray_workers)
     run = _Run(reg, m, eval_samples, store)
     reserved = reg.reserve(m.name, wanted)
     failpoint.reached("issue:reserved")
