@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -83,6 +84,11 @@ def main() -> None:
             torch.set_num_threads(threads)
             rows.append(one_run(reg, f"one process, {threads} thread{'s' * (threads > 1)}", args.buyers, Path(tmp),
                                 args.eval_samples))
+        # This run's own token (Ray's default for a new local instance is one written to ~/.ray).
+        token = Path(tmp) / "ray_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, logging_level="ERROR",

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import failpoint, registry
-from ..errors import BadArgument, BadInput, InternalError, WmtraceError
+from ..errors import BadArgument, BadInput, InternalError, WmtraceError, first_line
 from ..registry import Buyer, Master, RegistryBackend
 
 # Buyers queued per actor: the next is waiting when one finishes, and a dead actor strands at most two.
@@ -78,7 +78,11 @@ def issue_on_ray(
     started = not ray.is_initialized()
     if started:
         target = None if address in (True, "auto") else address
-        ray.init(address=target, logging_level=logging.ERROR, log_to_driver=False)
+        try:
+            ray.init(address=target, logging_level=logging.ERROR, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - Ray's own (ConnectionError, AuthenticationError, ...)
+            raise BadInput(f"cannot join the Ray cluster at {address}: {first_line(e)}") from e
+    out = out.resolve()  # as every node reads it: the driver's working folder is not theirs
     token = out / f".wmtrace-ray-{secrets.token_hex(8)}"
     try:
         token.touch(mode=0o600)
@@ -108,7 +112,7 @@ def _location(reg: RegistryBackend) -> str:
     """What a worker opens the registry from: a folder, or the database URL (with its password, handed
     to the actors in memory, never logged; a URL without one makes each node use its own PGPASSWORD or
     ~/.pgpass)."""
-    return str(getattr(reg, "url", None) or reg.root)
+    return str(getattr(reg, "url", None) or Path(reg.root).resolve())
 
 
 class _Worker:
@@ -127,8 +131,8 @@ class _Worker:
                                "issuing on several hosts needs a shared disk mounted at the same path")
             self.reg = registry.open(location)
             if self.reg.fingerprint(master) != fingerprint:
-                raise BadInput(f"{location}: not the driver's registry on Ray node {socket.gethostname()} "
-                               "(another master key); use a shared disk or a registry URL")
+                raise BadInput(f"{registry.mask(location)}: not the driver's registry on Ray node "
+                               f"{socket.gethostname()} (another master key); use a shared disk or a registry URL")
             self.run = make_run(self.reg, self.reg.master(master), eval_samples)
         except Exception as e:  # noqa: BLE001 - handed to the driver, which raises it
             self.error = _portable(e)
