@@ -157,7 +157,6 @@ class _Worker:
         except Exception as e:  # noqa: BLE001 - handed to the driver, which raises it
             return _portable(e)
 
-
     def _complete(self, b: Buyer) -> None:
         """Complete `b`; one already completed with the same file (by an actor thought dead) is done."""
         try:
