@@ -82,8 +82,8 @@ def issue(
     if skipped and not as_json:
         err.print(f"{len(skipped)} of the names were issued before and are skipped")
     rows = [
-        {"id": b.id, "name": b.name, "file": b.file, "agreement": b.agreement, "accuracy": b.accuracy,
-         "cosine": b.cosine}
+        {"id": b.id, "name": b.name, "file": b.file, "sha256": b.sha256, "store": b.store, "agreement": b.agreement,
+         "accuracy": b.accuracy, "cosine": b.cosine}
         for b in issued
     ]
     if as_json:
