@@ -67,12 +67,49 @@ def cold(registry: Path, leak: str, buyer: int, drop_cache: bool = False) -> flo
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def on_postgres(server: str, small_root: Path, large_root: Path, b, repeat: int, buyers: int) -> dict:
+    """The same traces against the two registries migrated to fresh PostgreSQL databases."""
+    import os
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    os.environ["WMTRACE_KEK"] = secrets.token_hex(32)  # inherited by the cold-trace processes
+    rows, made = {}, []
+    try:
+        for label, root in (("postgresql, 1 buyer", small_root), (f"postgresql, {buyers:,} buyers", large_root)):
+            name = f"wmtrace_bench_{secrets.token_hex(4)}"
+            with psycopg.connect(server, autocommit=True) as c:
+                c.execute(f"CREATE DATABASE {name}")
+            made.append(name)
+            url = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+            t0 = time.perf_counter()
+            with api.open_registry(root) as src:
+                api.migrate_registry(src, url, storage=str(root.parent / f"{name}-storage"))
+            migrate_s = time.perf_counter() - t0
+            reg = api.open_registry(url)
+            result = api.trace(b.file, reg)
+            assert result.buyer is not None and result.buyer["id"] == b.id, result.verdict
+            rows[label] = {"migrate_s": round(migrate_s, 2),
+                           "cold_s": min(cold(url, b.file, b.id) for _ in range(max(1, repeat // 2))),
+                           "warm_s": timed(lambda r=reg: api.trace(b.file, r), repeat)}
+            reg.close()
+    finally:
+        with psycopg.connect(server, autocommit=True) as c:
+            for name in made:
+                c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/trace_scale.json"))
     ap.add_argument("--trained", type=Path, help="an already trained example master (skips training)")
     ap.add_argument("--buyers", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--postgres", help="also measure both registries migrated to PostgreSQL: a server URL whose "
+                    "role may create databases (two are made and dropped; a KEK is generated for the run)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,12 +137,18 @@ def main() -> None:
                 "bound": result.false_positive_probability,
             }
             reg.close()
+        if args.postgres:
+            rows |= on_postgres(args.postgres, small_root, large_root, b, args.repeat, args.buyers)
         small, large_row = rows["1 buyer"], rows[f"{args.buyers:,} buyers"]
         result = {
             **run_info(), "buyers": args.buyers, "fill_rows_s": round(fill_s, 2), "traces": rows,
             "extra_cold_s": round(large_row["cold_s"] - small["cold_s"], 3),
             "extra_warm_s": round(large_row["warm_s"] - small["warm_s"], 3),
         }
+        if args.postgres:
+            pg_small, pg_large = rows["postgresql, 1 buyer"], rows[f"postgresql, {args.buyers:,} buyers"]
+            result["postgresql_extra_cold_s"] = round(pg_large["cold_s"] - pg_small["cold_s"], 3)
+            result["postgresql_extra_warm_s"] = round(pg_large["warm_s"] - pg_small["warm_s"], 3)
         write_json(args.out, result)
         print(result)
 
