@@ -20,7 +20,6 @@ import collections
 import importlib.util
 import logging
 import os
-import pickle
 import secrets
 import socket
 import time
@@ -168,12 +167,10 @@ class _Worker:
 
 
 def _portable(e: Exception) -> Exception:
-    """`e` if it survives pickling to the driver, else its type and message as an InternalError."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001 - any failure to pickle
-        return InternalError(f"{type(e).__name__}: {e}")
+    """What an actor hands the driver for `e`: a `WmtraceError` as it is (each pickles as its arguments:
+    `BadArgument.__reduce__`), anything else as an InternalError naming its type and message, which
+    Ray can always carry back (a third-party exception may not survive pickling)."""
+    return e if isinstance(e, WmtraceError) else InternalError(f"{type(e).__name__}: {e}")
 
 
 class _Fleet:
