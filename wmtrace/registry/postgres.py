@@ -21,11 +21,11 @@ import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
-from ..errors import BadInput, UnknownMaster
+from ..errors import BadInput
 from . import keystore
 from .location import mask
 from .owners import Heartbeat, lease_owner, lease_seconds
-from .records import Buyer, Master, MasterConfig
+from .records import Buyer, Master, MasterConfig, buyers_query, claim_stale, pick_master
 from .storage import Storage
 from .store import Paths
 
@@ -211,17 +211,7 @@ class Registry(Paths):
 
     def master(self, name: str | None = None) -> Master:
         """The named master, or the only one when no name is given."""
-        ms = self.masters()
-        if name is None:
-            if len(ms) == 1:
-                return ms[0]
-            if not ms:
-                raise UnknownMaster(f"registry {self.location} has no master yet (run 'wmtrace init')")
-            raise BadInput(f"registry has several masters ({', '.join(m.name for m in ms)}); choose one with --master")
-        for m in ms:
-            if m.name == name:
-                return m
-        raise UnknownMaster(f"unknown master {name!r} in registry {self.location}")
+        return pick_master(self.masters(), name, self.location)
 
     # Buyers ----------------------------------------------------------------------------------
     @staticmethod
@@ -230,12 +220,7 @@ class Registry(Paths):
                      r["accuracy"], r["margin"], r["codeword"], cosine=r["cosine"])
 
     def buyers(self, master: str | None = None, status: str | None = "issued") -> list[Buyer]:
-        q, args = "SELECT * FROM buyers WHERE TRUE", []
-        if master is not None:
-            q, args = q + " AND master = %s", [*args, master]
-        if status is not None:
-            q, args = q + " AND status = %s", [*args, status]
-        return [self._buyer(r) for r in self._rows(q + " ORDER BY master, id", args)]
+        return [self._buyer(r) for r in self._rows(*buyers_query(master, status, "%s"))]
 
     def buyer(self, master: str, buyer_id: int) -> Buyer | None:
         rows = self._rows("SELECT * FROM buyers WHERE master = %s AND id = %s", (master, buyer_id))
@@ -255,11 +240,7 @@ class Registry(Paths):
             stale = c.execute(f"SELECT * FROM buyers WHERE master = %s AND status = 'reserved' AND "
                               f"(lease_until IS NULL OR lease_until < {NOW}) ORDER BY id", (master,)).fetchall()
             wanted = list(names)
-            for r in stale:  # a stale reservation completes a wanted name, or stands in for a generated one
-                slot = r["name"] if r["name"] in wanted else (None if None in wanted else False)
-                if slot is False:
-                    continue
-                wanted.remove(slot)
+            for r in claim_stale(stale, wanted):
                 c.execute(f"UPDATE buyers SET owner = %s, lease_until = {NOW} + %s WHERE master = %s AND id = %s",
                           (self.owner, self.lease, master, r["id"]))
                 out.append(self._buyer(r))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..coding.codes import CodeSpec
-from ..errors import BadInput
+from ..errors import BadInput, UnknownMaster
 
 # Version 1 (0.1.0): one white-box scheme, its "carriers" and "embed" at the top level.
 # Version 2: every scheme's settings under "schemes", by scheme name.
@@ -111,3 +111,41 @@ class Buyer:
         if not self.file:
             return None
         return "patch" if self.file.endswith(".wmpatch") else "full"
+
+
+# What every backend does with its rows the same way, whatever its SQL dialect.
+def pick_master(masters: list[Master], name: str | None, where: str) -> Master:
+    """The named master, or the only one when no name is given (`where`: the registry as shown)."""
+    if name is None:
+        if len(masters) == 1:
+            return masters[0]
+        if not masters:
+            raise UnknownMaster(f"registry {where} has no master yet (run 'wmtrace init')")
+        names = ", ".join(m.name for m in masters)
+        raise BadInput(f"registry has several masters ({names}); choose one with --master")
+    for m in masters:
+        if m.name == name:
+            return m
+    raise UnknownMaster(f"unknown master {name!r} in registry {where}")
+
+
+def claim_stale(stale: list, wanted: list[str | None]) -> list:
+    """The stale reservations (rows with a "name") to take over, removing from `wanted` what each stands
+    for: a reservation completes a wanted name, or stands in for a generated one (None)."""
+    claimed = []
+    for r in stale:
+        slot = r["name"] if r["name"] in wanted else (None if None in wanted else False)
+        if slot is not False:
+            wanted.remove(slot)
+            claimed.append(r)
+    return claimed
+
+
+def buyers_query(master: str | None, status: str | None, mark: str) -> tuple[str, list]:
+    """SELECT of buyers, optionally of one master and status, in ID order (`mark`: the driver's placeholder)."""
+    q, args = "SELECT * FROM buyers WHERE 1 = 1", []
+    if master is not None:
+        q, args = q + f" AND master = {mark}", [*args, master]
+    if status is not None:
+        q, args = q + f" AND status = {mark}", [*args, status]
+    return q + " ORDER BY master, id", args

@@ -17,10 +17,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..errors import BadInput, UnknownMaster
+from ..errors import BadInput
 from .owners import pid_alive as _owner_alive
 from .owners import pid_owner as _owner
-from .records import Buyer, Master, MasterConfig
+from .records import Buyer, Master, MasterConfig, buyers_query, claim_stale, pick_master
 from .store import Files, Layout, default_path
 
 TABLES = ("masters", "buyers", "audit")
@@ -222,18 +222,7 @@ class Registry(Files):
 
     def master(self, name: str | None = None) -> Master:
         """The named master, or the only one when no name is given."""
-        ms = self.masters()
-        if name is None:
-            if len(ms) == 1:
-                return ms[0]
-            if not ms:
-                raise UnknownMaster(f"registry {self.root} has no master yet (run 'wmtrace init')")
-            names = ", ".join(m.name for m in ms)
-            raise BadInput(f"registry has several masters ({names}); choose one with --master")
-        for m in ms:
-            if m.name == name:
-                return m
-        raise UnknownMaster(f"unknown master {name!r} in registry {self.root}")
+        return pick_master(self.masters(), name, self.location)
 
     # Buyers ----------------------------------------------------------------------------------
     def _buyer(self, r: sqlite3.Row) -> Buyer:
@@ -244,12 +233,7 @@ class Registry(Files):
         )
 
     def buyers(self, master: str | None = None, status: str | None = "issued") -> list[Buyer]:
-        q, args = "SELECT * FROM buyers WHERE 1=1", []
-        if master is not None:
-            q, args = q + " AND master = ?", [*args, master]
-        if status is not None:
-            q, args = q + " AND status = ?", [*args, status]
-        return [self._buyer(r) for r in self._rows(q + " ORDER BY master, id", args)]
+        return [self._buyer(r) for r in self._rows(*buyers_query(master, status, "?"))]
 
     def buyer(self, master: str, buyer_id: int) -> Buyer | None:
         rows = self._rows("SELECT * FROM buyers WHERE master = ? AND id = ?", (master, buyer_id))
@@ -279,12 +263,7 @@ class Registry(Files):
                 if not _owner_alive(r["owner"])
             ]
             wanted = list(names)
-            for r in stale:
-                # A stale reservation completes a wanted name, or stands in for a generated one.
-                slot = r["name"] if r["name"] in wanted else (None if None in wanted else False)
-                if slot is False:
-                    continue
-                wanted.remove(slot)
+            for r in claim_stale(stale, wanted):
                 c.execute("UPDATE buyers SET owner = ? WHERE master = ? AND id = ?", (owner, master, r["id"]))
                 out.append(self._buyer(r))
             (top,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM buyers WHERE master = ?", (master,)).fetchone()
