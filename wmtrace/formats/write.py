@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +51,7 @@ def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: str | os.Pat
 def save_sharded(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, shards: int) -> None:
     """Write a Hugging Face sharded layout: model-0000i-of-0000n.safetensors plus
     model.safetensors.index.json, tensors kept in order and split by size. Written beside the
-    target and renamed into place, so a reader never sees half a folder."""
-    import shutil
-
+    target and renamed into place (`atomic_folder`)."""
     folder = Path(folder)
     if folder.exists():
         raise BadInput(f"{folder}: already exists")
@@ -58,9 +59,7 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, sh
     sizes = np.array([tensors[k].numel() * tensors[k].element_size() for k in names], dtype=np.int64)
     bounds = np.searchsorted(np.cumsum(sizes), np.arange(1, shards) * sizes.sum() / shards)
     groups = [g for g in np.split(np.arange(len(names)), bounds) if len(g)]
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_folder(folder) as tmp:
         weight_map: dict[str, str] = {}
         for i, group in enumerate(groups, start=1):
             shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
@@ -68,6 +67,16 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, sh
             weight_map.update({names[j]: shard for j in group})
         index = {"metadata": {"total_size": int(sizes.sum())}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """A hidden folder beside `folder` to fill, renamed into place when the block ends without error and
+    removed otherwise, so a reader never sees half a folder; an OSError is one BadInput line."""
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
         os.replace(tmp, folder)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

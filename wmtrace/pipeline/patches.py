@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from .. import modelio
 from ..errors import BadArgument, BadInput, CorruptFile
 from ..formats import patch, stream
 from ..formats.stream import Entry, FileTensors
+from ..formats.write import atomic_folder
 from ..registry import Buyer, Master, Registry
 
 STORES = ("full", "patch")
@@ -182,10 +182,8 @@ def materialize(reg: Registry, buyer: str | int, out: str | os.PathLike, master:
 def _write_folder(src: Source, out: Path) -> str:
     """A sharded copy: each file written into a hidden folder beside `out` and fsynced, the folder's
     sha256 checked, then renamed into place."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     h = hashlib.sha256()
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_folder(out) as tmp:
         for name, pieces in src.parts:
             h.update(name.encode() + b"\0")
             with open(tmp / name, "wb") as f:
@@ -194,13 +192,6 @@ def _write_folder(src: Source, out: Path) -> str:
                 f.flush()
                 os.fsync(f.fileno())
         src.verify(h.hexdigest())
-        os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BadInput(f"{out}: cannot write ({e.strerror or e})") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return h.hexdigest()
 
 
