@@ -26,6 +26,7 @@ from pathlib import Path
 from ..coding import keys
 from ..errors import BadInput, WmtraceError
 from .sqlite import Registry
+from .storage import sha256_file
 from .store import DB_NAME, KEYS, MASTERS, Layout
 
 MANIFEST = "backup.json"
@@ -50,14 +51,6 @@ def _sha256_copy(src: Path, dest: Path) -> tuple[str, int]:
     finally:
         os.close(fd)
     return h.hexdigest(), size
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,7 +117,7 @@ def _verify(root: Path, files: dict[str, str], masters: dict[str, str] | None = 
     """Check a copied registry in `root`: the database opens as a registry, every registered master's
     key matches its fingerprint (and `masters`, the manifest's) and its weights their sha256, and every
     file its sha256 in `files`. Returns the masters and buyer counts found."""
-    if files.get(DB_NAME) is None or _sha256(root / DB_NAME) != files[DB_NAME]:
+    if files.get(DB_NAME) is None or sha256_file(root / DB_NAME) != files[DB_NAME]:
         raise BadInput(f"{root / DB_NAME}: sha256 differs from the backup manifest; the database was altered")
     try:
         reg = Registry(root)
@@ -144,7 +137,7 @@ def _verify(root: Path, files: dict[str, str], masters: dict[str, str] | None = 
                 weights_rel = m.weights.relative_to(root).as_posix()
             except ValueError:
                 raise BadInput(f"master {m.name!r}: weights {m.weights} lie outside the registry") from None
-            if weights_rel not in files or _sha256(root / weights_rel) != m.weights_sha256:
+            if weights_rel not in files or sha256_file(root / weights_rel) != m.weights_sha256:
                 raise BadInput(f"{weights_rel}: missing or sha256 differs from the registered weights of master "
                                f"{m.name!r}; the weights were altered")
             checked |= {key_rel, weights_rel}
@@ -153,7 +146,7 @@ def _verify(root: Path, files: dict[str, str], masters: dict[str, str] | None = 
         if masters is not None and set(masters) != {m["name"] for m in found}:
             raise BadInput(f"{root}: the database's masters differ from the backup manifest's")
         for rel in sorted(set(files) - checked):
-            if _sha256(root / rel) != files[rel]:
+            if sha256_file(root / rel) != files[rel]:
                 raise BadInput(f"{rel}: sha256 differs from the backup manifest; the file was altered")
         return {"masters": found, "buyers": len(reg.buyers()),
                 "reserved": len(reg.buyers(status="reserved"))}
@@ -191,7 +184,7 @@ def backup(reg: Registry, dest: str | os.PathLike) -> dict:
         except (OSError, sqlite3.Error) as e:
             raise BadInput(f"{dest}: cannot write the backup ({getattr(e, 'strerror', None) or e})") from e
         Registry(tmp).close()  # brings an older schema up to date now, so the hash below stays true
-        files[DB_NAME] = _sha256(tmp / DB_NAME)
+        files[DB_NAME] = sha256_file(tmp / DB_NAME)
         found = _verify(tmp, files)
         info = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "registry": str(reg.root), **found, "files": _file_rows(tmp, files)}
