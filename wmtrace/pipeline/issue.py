@@ -20,7 +20,7 @@ from .. import failpoint, fidelity, formats, modelio, schemes, targets
 from ..coding import codes
 from ..errors import BadArgument, BadInput, SelfCheckFailed
 from ..registry import Buyer, Master, Registry
-from . import patches
+from . import evidence, patches
 from .query import query_target
 from .register import ensure_example
 from .trace import trace_tensors
@@ -104,8 +104,10 @@ def issue(
     out = Path(out) if out is not None else Path.cwd() / "buyers" / m.name
     formats.writable_folder(out)
     if ray:
-        return distributed.issue_on_ray(reg, m, wanted, out, ray, functools.partial(_Run, store=store), seed=seed,
+        done = distributed.issue_on_ray(reg, m, wanted, out, ray, functools.partial(_Run, store=store), seed=seed,
                                         eval_samples=eval_samples, progress=progress, workers=ray_workers)
+        evidence.publish(reg, m.name, done, out)
+        return done
     run = _Run(reg, m, eval_samples, store)
     reserved = reg.reserve(m.name, wanted)
     failpoint.reached("issue:reserved")
@@ -123,6 +125,7 @@ def issue(
     except BaseException:
         reg.release(m.name, [b.id for b in reserved if b.status != "issued"])
         raise
+    evidence.publish(reg, m.name, done, out)
     return done
 
 

@@ -196,7 +196,7 @@ class Registry(Paths):
             c.execute("INSERT INTO masters VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                       (m.name, m.weights.relative_to(self.root).as_posix(), m.weights_sha256, m.factory, m.data,
                        json.dumps(m.config.to_json(), sort_keys=True), m.key_fingerprint, m.accuracy, time.time()))
-            self.audit(c, "init", m.name, factory=m.factory, weights_sha256=m.weights_sha256)
+            self._log_init(c, m)
 
     def _master(self, row: dict) -> Master:
         weights = self.storage.fetch(self.root / row["weights"], row["weights_sha256"])
@@ -297,10 +297,10 @@ class Registry(Paths):
             cur.executemany("INSERT INTO audit (at, action, master, detail) VALUES (%s, %s, %s, %s)", entries)
 
     def log_trace(self, file: str, verdict: str, master: str | None, buyer: int | None,
-                  colluders: list[int] | None = None) -> None:
-        extra = {"colluders": colluders} if colluders else {}
-        with self._tx() as c:
-            self.audit(c, "trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
+                  colluders: list[int] | None = None, sha256: str | None = None) -> dict:
+        """One signed entry per trace; `sha256`: the leak's (an evidence bundle points at this entry)."""
+        extra = ({"colluders": colluders} if colluders else {}) | ({"sha256": sha256} if sha256 else {})
+        return self.log_event("trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
 
     def log_query(self, target: str, reveal: str, queries: int, verdict: str, master: str | None,
                   buyer: int | None, colluders: list[int] | None = None) -> None:

@@ -17,13 +17,24 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ..coding import keys
 from ..errors import BadInput
+from .ledger import Ledger
 from .owners import pid_alive as _owner_alive
 from .owners import pid_owner as _owner
 from .records import Buyer, Master, MasterConfig, buyers_query, claim_stale, pick_master
 from .store import Files, Layout, default_path
 
 TABLES = ("masters", "buyers", "audit")
+# Since 0.7 (evidence): statements, and the columns `_migrate` adds to registries made before.
+STATEMENTS = """
+CREATE TABLE IF NOT EXISTS statements (
+    number INTEGER PRIMARY KEY, master TEXT NOT NULL, at REAL NOT NULL, root TEXT NOT NULL,
+    buyers INTEGER NOT NULL, body TEXT NOT NULL
+);"""
+ADDED = {"buyers": ("cosine REAL", "statement INTEGER", "ack TEXT"),
+         "masters": ("key_commitment TEXT", "commit_nonce TEXT", "committed_at REAL", "committed_in TEXT"),
+         "audit": ("prev TEXT", "hash TEXT", "sig TEXT")}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS masters (
     name TEXT PRIMARY KEY,
@@ -34,7 +45,8 @@ CREATE TABLE IF NOT EXISTS masters (
     config TEXT NOT NULL,
     key_fingerprint TEXT NOT NULL,
     accuracy REAL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    key_commitment TEXT, commit_nonce TEXT, committed_at REAL, committed_in TEXT
 );
 CREATE TABLE IF NOT EXISTS buyers (
     master TEXT NOT NULL REFERENCES masters(name),
@@ -50,6 +62,8 @@ CREATE TABLE IF NOT EXISTS buyers (
     margin REAL,
     cosine REAL,
     created REAL NOT NULL,
+    statement INTEGER,
+    ack TEXT,
     PRIMARY KEY (master, id),
     UNIQUE (master, name)
 );
@@ -59,12 +73,13 @@ CREATE TABLE IF NOT EXISTS audit (
     at REAL NOT NULL,
     action TEXT NOT NULL,
     master TEXT,
-    detail TEXT NOT NULL
+    detail TEXT NOT NULL,
+    prev TEXT, hash TEXT, sig TEXT
 );
-"""
+""" + STATEMENTS
 
 
-class Registry(Files):
+class Registry(Ledger, Files):
     """One registry folder. With `create=True` nothing is written until the first write (a
     registration, a reservation): a command that fails its checks leaves no folder behind."""
 
@@ -134,10 +149,12 @@ class Registry(Files):
                 self._lock_depth = 0
 
     def _migrate(self) -> None:
-        """Columns added since a registry was created; old registries keep working."""
-        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(buyers)")}
-        added = [] if "cosine" in have else ["ALTER TABLE buyers ADD COLUMN cosine REAL"]
-        for sql in [*added, "CREATE INDEX IF NOT EXISTS buyers_issued ON buyers (master, status, id)"]:
+        """Columns and tables added since a registry was created; old registries keep working."""
+        added = []
+        for table, columns in ADDED.items():
+            have = {r["name"] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+            added += [f"ALTER TABLE {table} ADD COLUMN {col}" for col in columns if col.split()[0] not in have]
+        for sql in [*added, STATEMENTS, "CREATE INDEX IF NOT EXISTS buyers_issued ON buyers (master, status, id)"]:
             try:
                 self.conn.execute(sql)
             except sqlite3.OperationalError:  # added by a process opening it at the same time, or read-only
@@ -173,11 +190,22 @@ class Registry(Files):
                 conn.execute("ROLLBACK")
                 raise BadInput(f"registry {self.root}: cannot write ({e})") from e
 
-    def audit(self, conn: sqlite3.Connection, action: str, master: str | None, **detail) -> None:
-        conn.execute(
-            "INSERT INTO audit (at, action, master, detail) VALUES (?, ?, ?, ?)",
-            (time.time(), action, master, json.dumps(detail, sort_keys=True)),
-        )
+    # The ledger's hooks (`ledger.Ledger`): appends serialized by the IMMEDIATE transaction itself.
+    def _write(self):
+        return self.transaction()
+
+    def _chain_lock(self, c: sqlite3.Connection) -> None:
+        pass
+
+    def _load_seller(self) -> bytes | None:
+        return keys.read(self.layout.seller) if self.layout.seller.exists() else None
+
+    def _save_seller(self, seed: bytes) -> None:
+        try:
+            keys.write(self.layout.seller, seed)
+        except BadInput:
+            if not self.layout.seller.exists():  # lost a race with another process: its key stands
+                raise
 
     # Keys ------------------------------------------------------------------------------------
     def fingerprint(self, master: str) -> str | None:
@@ -190,7 +218,8 @@ class Registry(Files):
             if c.execute("SELECT 1 FROM masters WHERE name = ?", (m.name,)).fetchone():
                 raise BadInput(f"master {m.name!r} is already registered")
             c.execute(
-                "INSERT INTO masters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO masters (name, weights, weights_sha256, factory, data, config, key_fingerprint, accuracy, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     m.name,
                     str(m.weights.relative_to(self.root)),
@@ -203,7 +232,7 @@ class Registry(Files):
                     time.time(),
                 ),
             )
-            self.audit(c, "init", m.name, factory=m.factory, weights_sha256=m.weights_sha256)
+            self._log_init(c, m)
 
     def _master(self, row: sqlite3.Row) -> Master:
         return Master(
@@ -310,12 +339,11 @@ class Registry(Files):
                 c.execute("INSERT INTO audit (at, action, master, detail) VALUES (?, ?, ?, ?)",
                           (e["at"], e["action"], e["master"], json.dumps(e["detail"], sort_keys=True)))
 
-    def log_trace(
-        self, file: str, verdict: str, master: str | None, buyer: int | None, colluders: list[int] | None = None
-    ) -> None:
-        extra = {"colluders": colluders} if colluders else {}
-        with self.transaction() as c:
-            self.audit(c, "trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
+    def log_trace(self, file: str, verdict: str, master: str | None, buyer: int | None,
+                  colluders: list[int] | None = None, sha256: str | None = None) -> dict:
+        """One signed entry per trace; `sha256`: the leak's (an evidence bundle points at this entry)."""
+        extra = ({"colluders": colluders} if colluders else {}) | ({"sha256": sha256} if sha256 else {})
+        return self.log_event("trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
 
     def log_query(self, target: str, reveal: str, queries: int, verdict: str, master: str | None,
                   buyer: int | None, colluders: list[int] | None = None) -> None:

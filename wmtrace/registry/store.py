@@ -4,6 +4,7 @@
       wmtrace.db             0600  SQLite: masters, buyers, audit (schema in `sqlite`)
       registry.lock          0600  held (flock) while a master is registered or the example set up
       keys/MASTER.key        0600  the master's secret: lose it and no issued copy can be traced
+      seller.key             0600  the registry's Ed25519 signing key: audit log, statements, evidence
       masters/MASTER.safetensors, MASTER.moments.safetensors   the registered weights and metric
       cache/                       the bundled example master, trained once
 
@@ -32,6 +33,7 @@ from .records import Master
 DB_NAME = "wmtrace.db"
 LOCK_NAME = "registry.lock"
 KEYS, MASTERS, CACHE = "keys", "masters", "cache"
+SELLER_KEY = "seller.key"  # the registry's Ed25519 signing key (`ledger`): its audit log and statements
 
 
 def default_path() -> Path:
@@ -48,6 +50,7 @@ class Layout:
         self.keys = self.root / KEYS
         self.masters = self.root / MASTERS
         self.cache = self.root / CACHE
+        self.seller = self.root / SELLER_KEY
 
     def key(self, master: str) -> Path:
         return self.keys / f"{master}.key"
@@ -71,7 +74,7 @@ class Layout:
         for folder in (self.keys, self.masters):
             if folder.is_dir():
                 found += sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-        return found
+        return found + ([self.seller] if self.seller.exists() else [])
 
     def refuse_orphans(self) -> None:
         """Refuse to start a database next to keys or registered masters: that registry lost its
