@@ -80,7 +80,8 @@ class Ledger:
     def _append(self, c, prev: str, action: str, master: str | None, detail: dict) -> dict:
         at = time.time()
         h, sig = chain.seal(self.seller_key(), prev, at, action, master, detail)
-        c.execute(self._sql("INSERT INTO audit (at, action, master, detail, prev, hash, sig) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+        c.execute(self._sql("INSERT INTO audit (at, action, master, detail, prev, hash, sig) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)"),
                   (at, action, master, json.dumps(detail, sort_keys=True), prev, h, sig))
         return {"at": at, "action": action, "master": master, "detail": detail, "prev": prev, "hash": h, "sig": sig}
 
@@ -172,7 +173,8 @@ class Ledger:
         head = {"seq": last["seq"], "hash": last["hash"]}
         number = c.execute("SELECT COALESCE(MAX(number), 0) + 1 AS n FROM statements").fetchone()["n"]
         doc, _ = statement.build(self.seller_key(), self._commitment(c, master), leaves, number, head)
-        c.execute(self._sql("INSERT INTO statements (number, master, at, root, buyers, body) VALUES (?, ?, ?, ?, ?, ?)"),
+        c.execute(self._sql("INSERT INTO statements (number, master, at, root, buyers, body) "
+                            "VALUES (?, ?, ?, ?, ?, ?)"),
                   (number, master, doc["at"], doc["root"], doc["buyers"], json.dumps(doc, sort_keys=True)))
         c.cursor().executemany(self._sql("UPDATE buyers SET statement = ? WHERE master = ? AND id = ?"),
                                [(number, master, r["id"]) for r in rows])
@@ -199,7 +201,8 @@ class Ledger:
                 numbers.setdefault(r[0]["statement"], []).append(i)
         out = {}
         for number, wanted in numbers.items():
-            doc = json.loads(self._rows(self._sql("SELECT body FROM statements WHERE number = ?"), (number,))[0]["body"])
+            body = self._rows(self._sql("SELECT body FROM statements WHERE number = ?"), (number,))[0]["body"]
+            doc = json.loads(body)
             rows = self._rows(self._sql("SELECT id, name, sha256, codeword FROM buyers WHERE master = ? AND "
                                         "statement = ? ORDER BY id"), (master, number))
             leaves = self._leaves(master, rows)
