@@ -19,7 +19,9 @@ def _master(reg: Registry, name: str = "m") -> Master:
     with reg.lock():
         weights = reg.weights_path(name)
         weights.write_bytes(b"x")
-        m = Master(name, weights, "0" * 64, "pkg:build", None, CONFIG, "f" * 16, 0.9)
+        key = keys.generate()
+        reg.store_key(name, key)  # a master's key is stored first: registering commits to it
+        m = Master(name, weights, "0" * 64, "pkg:build", None, CONFIG, keys.fingerprint(key), 0.9)
         reg.add_master(m)
     return m
 
@@ -104,7 +106,6 @@ def test_an_emptied_database_is_refused_not_recreated(tmp_path, kind):
     registry: every issued copy became untraceable, and the next init deleted the key."""
     reg = Registry(tmp_path, create=True)
     _master(reg)
-    keys.write(reg.key_path("m"), keys.generate())
     reg.close()
     (tmp_path / "wmtrace.db").write_bytes(b"")
     if kind == "foreign":  # a real SQLite file, but not ours
@@ -119,7 +120,6 @@ def test_an_emptied_database_is_refused_not_recreated(tmp_path, kind):
 def test_keys_without_a_database_are_never_given_a_fresh_one(tmp_path):
     reg = Registry(tmp_path, create=True)
     _master(reg)
-    keys.write(reg.key_path("m"), keys.generate())
     reg.close()
     os.remove(tmp_path / "wmtrace.db")
     before = tree(tmp_path)
