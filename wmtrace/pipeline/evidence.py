@@ -10,14 +10,23 @@ master's key and its carrier tensors only (never another master's, never the ful
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file as save_torch
+
+from .. import formats, modelio, schemes
 from ..errors import BadInput
 from ..evidence import timestamp
-from ..evidence.signing import canonical
+from ..evidence.signing import canonical, document_hash
 from ..registry import Buyer, Registry
+from .trace import COLLUDERS, DEFAULT_MAX_FALSE_POSITIVE, IDENTIFIED, TraceResult, trace_tensors
 
 BUNDLE = "bundle.json"
 FORMAT = "wmtrace/evidence"
@@ -60,12 +69,88 @@ def leak_sha256(path: str | os.PathLike) -> tuple[str, int]:
         raise BadInput(f"{path}: no file to hash")
     digests, size = [], 0
     for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
         size += f.stat().st_size
-        digests.append((f.relative_to(path).as_posix() if f != path else "", h.hexdigest()))
+        digests.append((f.relative_to(path).as_posix() if f != path else "", modelio.sha256_file(f)))
     if path.is_file():
         return digests[0][1], size
     return hashlib.sha256(canonical(digests)).hexdigest(), size
+
+
+class NothingToProve(BadInput):
+    """The leak names nobody: there is no accusation to bundle (exit code 1, as a trace naming nobody)."""
+
+    exit_code = 1
+
+
+def build(reg: Registry, leak: str | os.PathLike, out: str | os.PathLike, master: str | None = None,
+          max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE) -> dict:
+    """Trace `leak` and write its evidence bundle to the new folder `out`; returns the signed manifest.
+
+    The trace is logged with the leak's sha256 (the chain entry the bundle points at), then a "reveal"
+    entry records that this master's key left the registry: rotate to a new master (`wmtrace init`) for
+    copies sold from now on if the arbiter may not be trusted with it (README, *Threat model*)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"{out}: exists and is not an empty folder; evidence goes into a new one")
+    sha, size = leak_sha256(leak)
+    result = trace_tensors(formats.open_tensors(leak), reg, str(leak), master, max_false_positive)
+    accused = [result.buyer["id"]] if result.buyer else [c["id"] for c in result.colluders]
+    entry = reg.log_trace(str(leak), result.verdict, result.master, result.buyer["id"] if result.buyer else None,
+                          [c["id"] for c in result.colluders], sha256=sha)
+    if result.verdict not in (IDENTIFIED, COLLUDERS):
+        raise NothingToProve(f"{leak}: {result.verdict}, nobody is named: there is no accusation to bundle")
+    m = reg.master(result.master)
+    receipts = reg.receipts(m.name, accused)
+    if len(receipts) < len(accused):  # issued by a run that stopped before its statement
+        reg.make_statement(m.name)
+        receipts = reg.receipts(m.name, accused)
+    commitment = reg.commitment(m.name)
+    chain = reg.audit_chain()
+    start = next(e["seq"] for e in chain if e["hash"] == commitment["committed_in"])
+    end = next(e["seq"] for e in chain if e["hash"] == entry["hash"])
+    with formats.write.atomic_folder(out) as tmp:
+        _write_reveal(reg, m, accused, tmp)
+        for i, r in receipts.items():
+            (tmp / "receipts").mkdir(exist_ok=True)
+            write_document(tmp / "receipts" / f"{i}.json", r)
+            if (ack := reg.ack(m.name, i)) is not None:
+                write_document(tmp / "receipts" / f"{i}.ack.json", ack)
+        (tmp / "audit.json").write_text(json.dumps([e for e in chain if start <= e["seq"] <= end], indent=1))
+        (tmp / "seller.pub").write_text(reg.public_key().pem())
+        files = {p.relative_to(tmp).as_posix(): modelio.sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = reg.seller_key().sign_document({
+            "type": FORMAT, "version": 1, "seller": reg.public_key().fingerprint, "created": time.time(),
+            "leak": {"name": Path(leak).name, "sha256": sha, "bytes": size}, "master": m.name,
+            "verdict": result.verdict, "accused": accused, "trace_entry": entry["hash"],
+            "max_false_positive": max_false_positive, "result": _public(result), "files": files})
+        write_document(tmp / BUNDLE, manifest)
+        (tmp / "bundle.tsq").write_bytes(timestamp.request(canonical(manifest) + b"\n"))
+    reg.log_event("reveal", m.name, leak_sha256=sha, bundle=document_hash(manifest), accused=accused)
+    return manifest
+
+
+def _write_reveal(reg: Registry, m, accused: list[int], folder: Path) -> None:
+    """What re-running the extraction needs: the master's key (with its commitment's nonce), its
+    configuration, the issued IDs (the bound counts them), its carriers and their stored metric."""
+    names = sorted({n for s, cfg in m.config.schemes.items() for n in schemes.get(s).revealed(m, cfg)})
+    with safe_open(str(m.weights), framework="pt") as f:
+        save_torch({n: f.get_tensor(n).contiguous() for n in names}, str(folder / "carriers.safetensors"))
+    stored = {k: np.ascontiguousarray(v) for k, v in reg.stored(m).items() if k in names}
+    if stored:
+        save_numpy(stored, str(folder / "stored.safetensors"))
+    reveal = {"master": m.name, "key": reg.key(m.name).hex(), "key_nonce": reg.commitment(m.name)["commit_nonce"],
+              "config": m.config.to_json(), "weights_sha256": m.weights_sha256,
+              "issued_ids": [int(i) for i in reg.issued_ids(m.name)],
+              "codeword_nonces": {str(i): reg.codeword_nonce(m.name, i).hex() for i in accused}}
+    path = folder / "reveal.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the key: 0600 like every key file
+    with os.fdopen(fd, "w") as fh:
+        json.dump(reveal, fh, sort_keys=True)
+
+
+def _public(result: TraceResult) -> dict:
+    """The trace result as the bundle states it (the leak's path on the seller's machine left out)."""
+    d = result.to_dict()
+    d.pop("file", None)
+    return d
+

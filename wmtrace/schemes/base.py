@@ -73,3 +73,7 @@ class Scheme(Protocol):
 
     def extract(self, located: Located, m: Master, config: dict, key: bytes, bits: int,
                 stored: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def revealed(self, m: Master, config: dict) -> list[str]:
+        """The master's tensors `locate` and `extract` read: what an evidence bundle reveals so that an
+        arbiter can re-run them (nothing else of the master leaves the registry)."""

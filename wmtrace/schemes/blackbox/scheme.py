@@ -100,6 +100,9 @@ class BlackBox:
                 stored: dict[str, np.ndarray]) -> np.ndarray:
         return np.full(bits, np.nan)
 
+    def revealed(self, m: Master, config: dict) -> list[str]:
+        return []  # reads a model's answers, not the weights of a file
+
     def plan(self, model: nn.Module, config: dict, key: bytes, stored: dict[str, np.ndarray],
              natural: bool = True) -> Plan:
         """The queries to send, in order (boundary queries, then natural ones unless `natural` is

@@ -151,6 +151,9 @@ class WhiteBox:
         score = sum(f.similarity for f in found if f is not None) / len(found)
         return Located(score, (found, arrays), report)
 
+    def revealed(self, m: Master, config: dict) -> list[str]:
+        return [c.name for c in Config.from_dict(config).carriers]
+
     def extract(self, located: Located, m: Master, config: dict, key: bytes, bits: int,
                 stored: dict[str, np.ndarray]) -> np.ndarray:
         found, arrays = located.found
