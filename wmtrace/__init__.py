@@ -16,6 +16,9 @@ from .api import (
     backup,
     collude,
     ensure_example,
+    evidence,
+    export_public_key,
+    export_receipt,
     init,
     issue,
     list_buyers,
@@ -25,8 +28,11 @@ from .api import (
     open_registry,
     open_target,
     query,
+    record_receipt,
     restore,
+    sign_receipt,
     trace,
+    verify,
 )
 from .errors import (
     BadArgument,
@@ -41,11 +47,12 @@ from .errors import (
 from .pipeline.trace import TraceResult
 from .registry import Buyer, Master, MasterConfig, Registry
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 __all__ = [
     "BadArgument", "BadInput", "Buyer", "CorruptFile", "InternalError", "Master", "MasterConfig", "Registry",
     "SelfCheckFailed", "TargetFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack",
-    "backup", "collude", "ensure_example", "init", "issue", "list_buyers", "materialize", "materialize_stream",
+    "backup", "collude", "ensure_example", "evidence", "export_public_key", "export_receipt", "init", "issue",
+    "list_buyers", "materialize", "materialize_stream",
     "migrate_registry", "open_registry",
-    "open_target", "query", "restore", "trace",
+    "open_target", "query", "record_receipt", "restore", "sign_receipt", "trace", "verify",
 ]

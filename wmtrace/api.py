@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 
 from . import fidelity, formats, modelio
 from .errors import BadInput
-from .pipeline import patches
+from .pipeline import evidence as evidence_mod
+from .pipeline import patches, receipts
+from .pipeline import verify as verify_mod
 from .pipeline.issue import Progress, check_buyer_name, check_issue, issue
 from .pipeline.patches import check_store
 from .pipeline.query import query
@@ -41,8 +43,10 @@ import_object, sha256_file, build_model = modelio.import_object, modelio.sha256_
 __all__ = [
     "DEFAULT_MAX_FALSE_POSITIVE", "DEFAULT_STRENGTH", "EXAMPLE_DATA", "EXAMPLE_FACTORY", "EXAMPLE_MASTER", "Buyer",
     "Progress", "Registry", "TraceResult", "attack", "backup", "check_buyer_name", "check_issue", "check_store",
-    "collude", "demo", "ensure_example", "init", "issue", "list_buyers", "materialize", "materialize_stream",
-    "migrate_registry", "open_registry", "open_target", "query", "restore", "trace",
+    "collude", "demo", "ensure_example", "evidence", "export_public_key", "export_receipt", "init", "issue",
+    "list_buyers", "materialize", "materialize_stream",
+    "migrate_registry", "open_registry", "open_target", "query", "record_receipt", "restore", "sign_receipt", "trace",
+    "verify",
 ]
 
 
@@ -59,6 +63,39 @@ def migrate_registry(src: RegistryBackend, to: str | os.PathLike, storage: str |
     counts, every master's weights sha256 and key fingerprint, every buyer's sha256 and codeword."""
     with open_backend(to, create=True, storage=storage) as dst:
         return registry_migrate.migrate(src, dst)
+
+
+def evidence(reg: RegistryBackend, leak: str | os.PathLike, out: str | os.PathLike, master: str | None = None,
+             max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE) -> dict:
+    """Trace `leak` and write the evidence bundle an arbiter checks with `verify` (no registry needed);
+    returns its signed manifest. Reveals that master's key to whoever holds the bundle."""
+    return evidence_mod.build(reg, leak, out, master, max_false_positive)
+
+
+def verify(bundle: str | os.PathLike, leak: str | os.PathLike,
+           public_key: str | os.PathLike) -> verify_mod.Verification:
+    """Check an evidence bundle against the leak and the seller's public key file (PEM or 64 hex digits)."""
+    return verify_mod.verify(bundle, leak, receipts.read_public_key(public_key))
+
+
+def export_public_key(reg: RegistryBackend) -> str:
+    """The registry's seller public key as PEM (created with the registry's first signed entry)."""
+    return reg.public_key().pem()
+
+
+def export_receipt(reg: RegistryBackend, buyer: str | int, out: str | os.PathLike, master: str | None = None) -> dict:
+    return receipts.export(reg, buyer, out, master)
+
+
+def sign_receipt(receipt: str | os.PathLike, key: str | os.PathLike, out: str | os.PathLike | None = None,
+                 copy: str | os.PathLike | None = None, seller_key: str | os.PathLike | None = None) -> dict:
+    """The buyer's side: check a receipt (and the copy) and sign it with the buyer's key file."""
+    return receipts.sign(receipt, key, out, copy, seller_key)
+
+
+def record_receipt(reg: RegistryBackend, ack: str | os.PathLike) -> dict:
+    """Keep a buyer's signed acknowledgement, checked against their receipt."""
+    return receipts.record(reg, ack)
 
 
 def collude(files: list[str | os.PathLike], how: str, out: str | os.PathLike) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from .. import api
-from .common import JsonOpt, MasterOpt, RegistryOpt, emit, guarded, out, pct
+from .common import JsonOpt, MasterOpt, RegistryOpt, emit, guarded, pct, print_table
 
 
 @guarded
@@ -21,5 +21,5 @@ def buyers(master: MasterOpt = None, registry: RegistryOpt = None, as_json: Json
         cosine = "-" if r["cosine"] is None else f"{r['cosine']:.5f}"
         table.add_row(r["master"], str(r["id"]), r["name"], pct(r["agreement"]), pct(r["accuracy"]), cosine,
                       (r["sha256"] or "")[:12], r["store"] or "", r["file"] or "")
-    out.print(table)
+    print_table(table)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from typing import Annotated
@@ -37,6 +38,18 @@ MasterOpt = Annotated[str | None, typer.Option("--master", help="Registered mast
 MaxFpOpt = Annotated[
     float, typer.Option("--max-false-positive", help="Accuse only below this false-accusation probability")
 ]
+
+
+class _Notes(logging.Handler):
+    """What the library logs on logger "wmtrace" (e.g. an upgraded registry starting its signed audit log),
+    as one `note:` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(Text.assemble(("note:", "yellow"), f" {record.getMessage()}"), soft_wrap=True)
+
+
+if not any(isinstance(h, _Notes) for h in logging.getLogger("wmtrace").handlers):
+    logging.getLogger("wmtrace").addHandler(_Notes())
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -74,6 +87,19 @@ def guarded(fn):
 
 def emit(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_table(table) -> None:
+    """A table at its natural width: wrapped to a terminal, whole into a pipe or file (not 80 columns)."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    saved = out._width  # rich caps a print's width at the console's: widen the console for this one
+    out.width = max(20, out.measure(table, options=out.options.update(width=10_000)).maximum)
+    try:
+        out.print(table)
+    finally:
+        out._width = saved
 
 
 def pct(x: float | None) -> str:

@@ -8,7 +8,22 @@ from __future__ import annotations
 
 import typer
 
-from . import attack, buyers, demo, init, issue, materialize, query, registry, serve, trace
+from . import (
+    attack,
+    audit,
+    buyers,
+    demo,
+    evidence,
+    init,
+    issue,
+    keys,
+    materialize,
+    query,
+    receipt,
+    registry,
+    serve,
+    trace,
+)
 from .common import OneLineErrors
 
 app = typer.Typer(
@@ -26,7 +41,12 @@ app.command("buyers")(buyers.buyers)
 app.command()(materialize.materialize)
 app.command()(demo.demo)
 app.command()(serve.serve)
+app.command()(evidence.evidence)
+app.command()(evidence.verify)
 app.add_typer(attack.app, name="attack")
+app.add_typer(audit.app, name="audit")
+app.add_typer(keys.app, name="keys")
+app.add_typer(receipt.app, name="receipt")
 app.add_typer(registry.app, name="registry")
 
 

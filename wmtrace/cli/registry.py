@@ -72,4 +72,5 @@ def registry_migrate(
     masters = ", ".join(f"{m['name']} (key {m['key_fingerprint']}, {m['buyers']} buyers)" for m in info["masters"])
     out.print(f"migrated {info['from']} to {info['to']}: {masters}; {info['buyers']} issued and {info['reserved']} "
               f"reserved buyers, {info['audit']} audit entries, {info['files']} files ({_size(info['bytes'])}); "
-              "verified: counts, weights sha256, key fingerprints, buyers' sha256 and codewords")
+              "verified: counts, weights sha256, key fingerprints, buyers' sha256 and codewords, the seller key, "
+              "the audit chain, commitments and statements")
