@@ -70,7 +70,8 @@ class Ledger:
         last = c.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         if last is not None and last["hash"] is not None:
             return last["hash"]
-        return self._start_chain(c, legacy=last is not None)["hash"]
+        self._start_chain(c, legacy=last is not None)  # may be followed by statements over issued buyers
+        return c.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()["hash"]
 
     def log_event(self, action: str, master: str | None, **detail) -> dict:
         """One signed entry in its own transaction (e.g. "reveal": a master's key handed to an arbiter)."""
