@@ -162,19 +162,31 @@ def test_keys_are_sealed_and_need_the_right_kek(reg, pg_url, kek, monkeypatch, t
         reg.store_key("m", keys.generate())
 
 
-def test_an_older_schema_is_upgraded_and_a_newer_one_refused(pg_url, kek, tmp_path, monkeypatch):
+def test_an_older_schema_is_upgraded_and_a_newer_one_refused(pg_url, kek, tmp_path, monkeypatch, caplog):
+    """Rows written by a wmtrace of schema 1 (no chain): upgraded at connect; the first write starts the
+    signed chain, committing to the master's key and the unsigned entries before it, and says so."""
     monkeypatch.setattr(pg, "MIGRATIONS", pg.MIGRATIONS[:1])
+    key = keys.generate()
     with registry.open(pg_url, create=True, storage=str(tmp_path)) as old:
-        _master(old)
-        old.reserve("m", ["acme"])
+        old.store_key("m", key)
         assert old.schema_version() == 1
+    with psycopg.connect(pg_url, autocommit=True) as c:  # what that wmtrace wrote: no column of the evidence
+        c.execute("INSERT INTO masters VALUES ('m', 'masters/m.safetensors', %s, 'pkg:build', NULL, %s, %s, 0.9, 1)",
+                  ("0" * 64, json.dumps(CONFIG.to_json()), keys.fingerprint(key)))
+        c.execute("INSERT INTO buyers (master, id, name, status, created) VALUES ('m', 1, 'acme', 'reserved', 2)")
+        c.execute("""INSERT INTO audit (at, action, master, detail) VALUES (3, 'reserve', 'm', '{"ids": [1]}')""")
     monkeypatch.undo()
     monkeypatch.setenv("WMTRACE_KEK_FILE", str(tmp_path / "kek"))
     (tmp_path / "kek").write_text(kek.hex())
     (tmp_path / "kek").chmod(0o600)
     with registry.open(pg_url) as new:
-        assert new.schema_version() == len(pg.MIGRATIONS) == 2
+        assert new.schema_version() == len(pg.MIGRATIONS) == 3
         assert [b.name for b in new.buyers("m", status="reserved")] == ["acme"]
+        new.release("m", [1])
+        assert "started the signed audit log; committed to 1 earlier entries, 1 master key(s)" in caplog.text
+        check = new.verify_chain()
+        assert check["ok"] and (check["unsigned_before_chain"], check["signed"]) == (1, 2), check
+        assert new.commitment("m")["key_commitment"]
         with psycopg.connect(pg_url) as c:
             assert c.execute("SELECT to_regclass('buyers_reserved') IS NOT NULL").fetchone()[0]
             c.execute("UPDATE schema_version SET version = 99")

@@ -21,6 +21,8 @@ from ..evidence.signing import PublicKey, SigningKey, canonical, document_hash, 
 
 log = logging.getLogger("wmtrace")
 ENTRY_COLUMNS = "seq, at, action, master, detail, prev, hash, sig"
+IMPORTED = ("master", "id", "name", "status", "codeword", "file", "sha256", "agreement", "accuracy", "margin", "cosine",
+            "created", "statement", "ack")  # a buyer's columns copied by `registry migrate`
 
 
 class Ledger:
@@ -247,3 +249,55 @@ class Ledger:
         if not r or r[0]["key_commitment"] is None:
             raise BadInput(f"master {master!r} has no key commitment yet (any write to the registry makes one)")
         return dict(r[0])
+
+    # Copying a registry (`registry migrate`) ------------------------------------------------------
+    def has_seller_key(self) -> bool:
+        return self._load_seller() is not None
+
+    def adopt_seller(self, seed: bytes) -> None:
+        """Take another registry's signing key, so the chain and statements copied from it stay verifiable
+        and old evidence bundles still name this seller; refused when this registry signs with another."""
+        if self._load_seller() is None:
+            self._save_seller(seed)
+        if self._load_seller() != seed:
+            raise BadInput(f"registry {self.location} already has a seller key of its own; migrate into an empty "
+                           "registry")
+        self._seller = None
+
+    def evidence_records(self) -> dict:
+        """What `import_records` needs besides buyers and the audit rows: each master's key commitment (with
+        its nonce), each buyer's statement and acknowledgement, and the statements, as stored."""
+        masters = {r["name"]: dict(r) for r in self._rows(
+            "SELECT name, key_commitment, commit_nonce, committed_at, committed_in FROM masters")}
+        marks = {(r["master"], r["id"]): (r["statement"], r["ack"]) for r in self._rows(
+            "SELECT master, id, statement, ack FROM buyers WHERE statement IS NOT NULL OR ack IS NOT NULL")}
+        statements = [dict(r) for r in self._rows(
+            "SELECT number, master, at, root, buyers, body FROM statements ORDER BY number")]
+        return {"masters": masters, "marks": marks, "statements": statements}
+
+    def _import(self, c, buyers: list, audit: list[dict], records: dict | None) -> None:
+        """`import_records` in the caller's transaction `c`: buyers (with their statement and acknowledgement
+        from `records`), audit rows as they are (seq, links and signatures: the chain verifies here as it did
+        there), then masters' commitments and the statements. `executemany` pipelines the rows."""
+        marks, now = (records or {}).get("marks", {}), time.time()
+        rows = [(b.master, b.id, b.name, b.status, b.codeword, b.file, b.sha256, b.agreement, b.accuracy, b.margin,
+                 b.cosine, now, *marks.get((b.master, b.id), (None, None))) for b in buyers]
+        entries = [(e["seq"], e["at"], e["action"], e["master"], json.dumps(e["detail"], sort_keys=True),
+                    e.get("prev"), e.get("hash"), e.get("sig")) for e in audit]
+        cur = c.cursor()
+        cur.executemany(self._sql(f"INSERT INTO buyers ({', '.join(IMPORTED)}) VALUES "
+                                  f"({', '.join('?' * len(IMPORTED))})"), rows)
+        cur.executemany(self._sql(f"INSERT INTO audit ({ENTRY_COLUMNS}) VALUES ({', '.join('?' * 8)})"), entries)
+        if records:
+            self._import_evidence(cur, records)
+
+    def _import_evidence(self, cur, records: dict) -> None:
+        """Masters' commitments and the statements copied in as they are (rows of `evidence_records`)."""
+        cur.executemany(self._sql("UPDATE masters SET key_commitment = ?, commit_nonce = ?, committed_at = ?, "
+                                  "committed_in = ? WHERE name = ?"),
+                        [(r["key_commitment"], r["commit_nonce"], r["committed_at"], r["committed_in"], name)
+                         for name, r in records["masters"].items()])
+        cur.executemany(self._sql("INSERT INTO statements (number, master, at, root, buyers, body) "
+                                  "VALUES (?, ?, ?, ?, ?, ?)"),
+                        [(s["number"], s["master"], s["at"], s["root"], s["buyers"], s["body"])
+                         for s in records["statements"]])

@@ -4,9 +4,11 @@ What SQLite guarantees on one machine holds here across hosts. IDs are reserved 
 transaction-scoped advisory lock, so no ID is handed out twice; a reservation carries a lease (server
 clock) renewed by a heartbeat while its process lives, and `reserve` takes over expired ones, so a
 worker killed anywhere is resumed, not duplicated. `complete` works from any process (issuing on Ray
-completes on workers) but only once per reservation. Master keys are stored sealed under the operator's
-KEK (`keystore`), never in the clear; master files live in a storage (`storage`) recorded at creation.
-The schema is versioned: `MIGRATIONS` are applied in order at connect, and a newer one is refused.
+completes on workers) but only once per reservation. Master keys and the seller's signing key are stored
+sealed under the operator's KEK (`keystore`), never in the clear; master files live in a storage
+(`storage`) recorded at creation. The audit log is the signed chain of `ledger.Ledger`; appends from any
+host are serialized by an advisory lock, so the chain never forks. The schema is versioned: `MIGRATIONS`
+are applied in order at connect, and a newer one is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ..errors import BadInput
+from ..evidence.signing import SigningKey
 from . import keystore
+from .ledger import Ledger
 from .location import mask
 from .owners import Heartbeat, lease_owner, lease_seconds
 from .records import Buyer, Master, MasterConfig, buyers_query, claim_stale, pick_master
@@ -54,7 +58,22 @@ MIGRATIONS: list[str] = [
     """,
     # 2: reservations found by lease without reading issued buyers (takeover scans on every reserve).
     "CREATE INDEX buyers_reserved ON buyers (master, lease_until) WHERE status = 'reserved'",
+    # 3: evidence (`ledger`). A master's commitment nonce sits in its row: it hides a 256-bit random key, whose
+    # secrecy does not rest on it, and is revealed with the key anyway. The seller's seed is sealed like a key.
+    """
+    ALTER TABLE masters ADD COLUMN key_commitment TEXT, ADD COLUMN commit_nonce TEXT,
+        ADD COLUMN committed_at DOUBLE PRECISION, ADD COLUMN committed_in TEXT;
+    ALTER TABLE buyers ADD COLUMN statement INTEGER, ADD COLUMN ack TEXT;
+    ALTER TABLE audit ADD COLUMN prev TEXT, ADD COLUMN hash TEXT, ADD COLUMN sig TEXT;
+    CREATE TABLE statements (
+        number INTEGER PRIMARY KEY, master TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, root TEXT NOT NULL,
+        buyers INTEGER NOT NULL, body TEXT NOT NULL);
+    CREATE TABLE seller (
+        id INTEGER PRIMARY KEY CHECK (id = 1), public TEXT NOT NULL, nonce BYTEA NOT NULL, sealed BYTEA NOT NULL,
+        kek_fingerprint TEXT NOT NULL, created DOUBLE PRECISION NOT NULL);
+    """,
 ]
+MASTER_COLUMNS = "name, weights, weights_sha256, factory, data, config, key_fingerprint, accuracy, created"
 
 
 def _connect(url: str) -> psycopg.Connection:
@@ -65,11 +84,12 @@ def _connect(url: str) -> psycopg.Connection:
         raise BadInput(f"registry {mask(url)}: cannot connect ({reason})") from None
 
 
-class Registry(Paths):
+class Registry(Ledger, Paths):
     """A registry in a PostgreSQL database. `create=True` lays out the schema in an empty database and
     records the storage (`storage`, else $WMTRACE_STORAGE, else ./wmtrace-storage) every client then uses."""
 
     location: str = ""  # the URL without its password
+    MARK = "%s"
 
     def __init__(self, url: str, create: bool = False, storage: str | None = None):
         self.url, self.location = url, mask(url)
@@ -143,9 +163,32 @@ class Registry(Paths):
         except psycopg.OperationalError as e:
             raise BadInput(f"registry {self.location}: cannot write ({e})") from None
 
-    def audit(self, c: psycopg.Connection, action: str, master: str | None, **detail) -> None:
-        c.execute("INSERT INTO audit (at, action, master, detail) VALUES (%s, %s, %s, %s)",
-                  (time.time(), action, master, json.dumps(detail, sort_keys=True)))
+    # The ledger's hooks (`ledger.Ledger`).
+    def _write(self):
+        return self._tx()
+
+    def _chain_lock(self, c: psycopg.Connection) -> None:
+        """Held to the end of the transaction: two hosts appending at once take turns, so each links to
+        the other's entry rather than both to the same one (a fork)."""
+        c.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID + 2,))
+
+    def _load_seller(self) -> bytes | None:
+        rows = self._rows("SELECT * FROM seller WHERE id = 1")
+        if not rows:
+            return None
+        r = rows[0]
+        return keystore.unseal_seller(keystore.load_kek(), bytes(r["nonce"]), bytes(r["sealed"]),
+                                      r["kek_fingerprint"])
+
+    def _save_seller(self, seed: bytes) -> None:
+        """Sealed under the KEK, committed on a connection of its own (a key made inside a transaction that
+        rolls back would sign what follows, yet be gone); a seed stored meanwhile by another process stands:
+        the caller reads back the one stored."""
+        kek = keystore.load_kek()
+        nonce, sealed = keystore.seal_seller(kek, seed)
+        with _connect(self.url) as c:
+            c.execute("INSERT INTO seller VALUES (1, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                      (SigningKey(seed).public.raw.hex(), nonce, sealed, keystore.kek_fingerprint(kek), time.time()))
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -188,15 +231,16 @@ class Registry(Paths):
         return self._check_fingerprint(master, key, f"registry {self.location}")
 
     # Masters ---------------------------------------------------------------------------------
-    def add_master(self, m: Master) -> None:
+    def add_master(self, m: Master, log: bool = True) -> None:
         self.storage.upload([m.weights, self.moments_path(m.weights), self.template_path(m.weights)])
         with self._tx() as c:
             if c.execute("SELECT 1 FROM masters WHERE name = %s", (m.name,)).fetchone():
                 raise BadInput(f"master {m.name!r} is already registered")
-            c.execute("INSERT INTO masters VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            c.execute(f"INSERT INTO masters ({MASTER_COLUMNS}) VALUES ({', '.join(['%s'] * 9)})",
                       (m.name, m.weights.relative_to(self.root).as_posix(), m.weights_sha256, m.factory, m.data,
                        json.dumps(m.config.to_json(), sort_keys=True), m.key_fingerprint, m.accuracy, time.time()))
-            self._log_init(c, m)
+            if log:  # not when copied by `registry migrate`: its commitment comes with `import_records`
+                self._log_init(c, m)
 
     def _master(self, row: dict) -> Master:
         weights = self.storage.fetch(self.root / row["weights"], row["weights_sha256"])
@@ -285,16 +329,13 @@ class Registry(Paths):
                       (master, ids, self.owner))
             self.audit(c, "release", master, ids=ids)
 
-    def import_records(self, buyers: list[Buyer], audit: list[dict]) -> None:
-        """Rows copied in by `registry migrate`, in one transaction; `executemany` pipelines them rather
-        than a round trip per row."""
-        cols = "master, id, name, status, codeword, file, sha256, agreement, accuracy, margin, cosine, created"
-        rows = [(b.master, b.id, b.name, b.status, b.codeword, b.file, b.sha256, b.agreement, b.accuracy, b.margin,
-                 b.cosine, time.time()) for b in buyers]
-        entries = [(e["at"], e["action"], e["master"], json.dumps(e["detail"], sort_keys=True)) for e in audit]
-        with self._tx() as c, c.cursor() as cur:
-            cur.executemany(f"INSERT INTO buyers ({cols}) VALUES ({', '.join(['%s'] * 12)})", rows)
-            cur.executemany("INSERT INTO audit (at, action, master, detail) VALUES (%s, %s, %s, %s)", entries)
+    def import_records(self, buyers: list[Buyer], audit: list[dict], records: dict | None = None) -> None:
+        """Rows copied in by `registry migrate`, in one transaction; audit rows keep their seq, so the
+        sequence is moved past them."""
+        with self._tx() as c:
+            self._import(c, buyers, audit, records)
+            c.execute("SELECT setval(pg_get_serial_sequence('audit', 'seq'), COALESCE(MAX(seq), 0) + 1, false) "
+                      "FROM audit")
 
     def log_trace(self, file: str, verdict: str, master: str | None, buyer: int | None,
                   colluders: list[int] | None = None, sha256: str | None = None) -> dict:

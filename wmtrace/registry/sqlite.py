@@ -213,7 +213,7 @@ class Registry(Ledger, Files):
         return rows[0][0] if rows else None
 
     # Masters ---------------------------------------------------------------------------------
-    def add_master(self, m: Master) -> None:
+    def add_master(self, m: Master, log: bool = True) -> None:
         with self.transaction() as c:
             if c.execute("SELECT 1 FROM masters WHERE name = ?", (m.name,)).fetchone():
                 raise BadInput(f"master {m.name!r} is already registered")
@@ -232,7 +232,8 @@ class Registry(Ledger, Files):
                     time.time(),
                 ),
             )
-            self._log_init(c, m)
+            if log:  # not when copied by `registry migrate`: its commitment comes with `import_records`
+                self._log_init(c, m)
 
     def _master(self, row: sqlite3.Row) -> Master:
         return Master(
@@ -328,16 +329,9 @@ class Registry(Ledger, Files):
                 )
             self.audit(c, "release", master, ids=ids)
 
-    def import_records(self, buyers: list[Buyer], audit: list[dict]) -> None:
+    def import_records(self, buyers: list[Buyer], audit: list[dict], records: dict | None = None) -> None:
         with self.transaction() as c:
-            for b in buyers:
-                c.execute("INSERT INTO buyers (master, id, name, status, codeword, file, sha256, agreement, accuracy, "
-                          "margin, cosine, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          (b.master, b.id, b.name, b.status, b.codeword, b.file, b.sha256, b.agreement, b.accuracy,
-                           b.margin, b.cosine, time.time()))
-            for e in audit:
-                c.execute("INSERT INTO audit (at, action, master, detail) VALUES (?, ?, ?, ?)",
-                          (e["at"], e["action"], e["master"], json.dumps(e["detail"], sort_keys=True)))
+            self._import(c, buyers, audit, records)
 
     def log_trace(self, file: str, verdict: str, master: str | None, buyer: int | None,
                   colluders: list[int] | None = None, sha256: str | None = None) -> dict:
