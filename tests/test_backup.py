@@ -58,9 +58,11 @@ def test_backup_then_restore_traces_every_copy(workdir, tmp_path):
     assert snapshot(reg) == before, "a backup must not change the registry"
     assert [m["name"] for m in info["masters"]] == ["small"] and info["buyers"] == 3
     assert info["masters"][0]["key_fingerprint"] == keys.fingerprint(bytes.fromhex(secret))
-    assert sorted(p.name for p in dest.iterdir()) == ["backup.json", "keys", "masters", "wmtrace.db"]
-    assert {f["path"] for f in info["files"]} == {
-        "wmtrace.db", "keys/small.key", "masters/small.safetensors", "masters/small.moments.safetensors"}
+    assert sorted(p.name for p in dest.iterdir()) == ["backup.json", "keys", "masters", "seller.key", "wmtrace.db"]
+    assert {f["path"] for f in info["files"]} == {"wmtrace.db", "keys/small.key", "masters/small.safetensors",
+                                                  "masters/small.moments.safetensors", "seller.key"}
+    with Registry(reg) as live:
+        assert info["seller"] == live.public_key().fingerprint
     assert_private(dest)
     assert not list(dest.parent.glob(".*")), "no staging folder left behind"
     print(f"backup of the test registry: {info['bytes']} bytes, {len(info['files'])} files, {took:.2f} s")
@@ -70,6 +72,12 @@ def test_backup_then_restore_traces_every_copy(workdir, tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["registry"] == str(restored) and d["buyers"] == 3 and d["masters"] == info["masters"]
+    assert d["seller"] == info["seller"]
+    assert (restored / "seller.key").read_bytes() == (reg / "seller.key").read_bytes()
+    with Registry(restored) as again:  # the restored registry signs on, as the same seller, in the same chain
+        again.log_event("restored", None)
+        check = again.verify_chain()
+        assert check["ok"] and check["seller"] == info["seller"], check
     assert_private(restored)
     assert not (restored / "cache").exists() and not (restored / "backup.json").exists()
     # Every issued copy traces to its buyer against the restored registry alone.
@@ -91,8 +99,10 @@ def test_no_key_bytes_in_manifest_or_output(workdir, tmp_path):
         outputs.append(r.output)
     assert "backed up" in outputs[0] and "restored" in outputs[1]
     manifest = (tmp_path / "b0" / "backup.json").read_text()
+    seller = (reg / "seller.key").read_text().strip()
     for text in [*outputs, manifest]:
         assert secret not in text and secret[:16] not in text and secret.upper()[:16] not in text
+        assert seller[:16] not in text and seller.upper()[:16] not in text
     assert bytes.fromhex(secret) not in (tmp_path / "b0" / "backup.json").read_bytes()
 
 
@@ -191,9 +201,20 @@ def _drop_key(b: Path) -> None:
     (b / "keys" / "small.key").unlink()
 
 
+def _replace_seller(b: Path) -> None:
+    (b / "seller.key").unlink()
+    keys.write(b / "seller.key", keys.generate())
+
+
+def _drop_seller(b: Path) -> None:
+    (b / "seller.key").unlink()
+
+
 @pytest.mark.parametrize("tamper, says", [
     (_replace_key, "fingerprint"), (_flip_weights, "sha256 differs from the registered weights"),
     (_flip_moments, "sha256 differs from the backup manifest"), (_drop_key, "missing from the backup"),
+    (_replace_seller, "not the key the registry's audit log was started with"),
+    (_drop_seller, "missing from the backup"),
 ])
 def test_restore_refuses_a_tampered_backup(workdir, tmp_path, tamper, says):
     dest = tmp_path / "b"

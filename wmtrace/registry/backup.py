@@ -3,7 +3,9 @@
 A master's key is generated once and exists nowhere else; without it no issued copy can ever be
 traced again. A backup therefore holds what tracing needs (the database, `keys/`, `masters/`; not
 the rebuildable `cache/` nor the lock) and is checked before it is handed over: each master's key
-matches its registered fingerprint and its weights their registered sha256.
+matches its registered fingerprint and its weights their registered sha256. The seller's signing key
+(`seller.key`) is kept the same way: lost, the registry could no longer extend its signed audit log
+nor sign statements as the seller buyers and arbiters know; it must be the key the chain started with.
 
 Both directions write into a hidden sibling of the destination and rename it into place at the
 end, so the destination either does not exist (or is still empty) or is complete, and a key is
@@ -25,9 +27,11 @@ from pathlib import Path
 
 from ..coding import keys
 from ..errors import BadInput, WmtraceError
+from ..evidence import chain
+from ..evidence.signing import SigningKey
 from .sqlite import Registry
 from .storage import sha256_file
-from .store import DB_NAME, KEYS, MASTERS, Layout
+from .store import DB_NAME, KEYS, MASTERS, SELLER_KEY, Layout
 
 MANIFEST = "backup.json"
 FORMAT = "wmtrace-registry-backup"
@@ -72,7 +76,7 @@ def _secret_files(layout: Layout) -> list[str]:
         if base.is_dir():
             found += [f"{folder}/{p.name}" for p in sorted(base.iterdir())
                       if not p.name.startswith(".") and p.is_file()]
-    return found
+    return found + ([SELLER_KEY] if layout.seller.is_file() else [])
 
 
 def _check_empty_target(path: Path, what: str) -> None:
@@ -113,10 +117,30 @@ def _staging(dest: Path, tag: str) -> Iterator[Path]:
         raise
 
 
-def _verify(root: Path, files: dict[str, str], masters: dict[str, str] | None = None) -> dict:
+def _check_seller(reg: Registry, files: dict[str, str], want: str | None = None) -> str | None:
+    """The fingerprint of the copy's seller key (None: it has none), which must be the key its audit chain
+    started with and, on restore, the manifest's (`want`); a chain without its key is an incomplete copy."""
+    start = reg._rows("SELECT detail FROM audit WHERE action = ? ORDER BY seq LIMIT 1", (chain.START,))
+    if SELLER_KEY not in files:
+        if start:
+            raise BadInput(f"the registry signs its audit log but the copy has no {SELLER_KEY}; the backup is "
+                           "incomplete")
+        return None
+    public = SigningKey(keys.read(reg.root / SELLER_KEY)).public
+    if start and json.loads(start[0]["detail"]).get("public_key") != public.raw.hex():
+        raise BadInput(f"{SELLER_KEY}: not the key the registry's audit log was started with; the key was replaced")
+    if want is not None and want != public.fingerprint:
+        raise BadInput(f"{SELLER_KEY}: fingerprint {public.fingerprint} differs from the backup manifest's ({want}); "
+                       "the key was replaced")
+    return public.fingerprint
+
+
+def _verify(root: Path, files: dict[str, str], masters: dict[str, str] | None = None,
+            seller: str | None = None) -> dict:
     """Check a copied registry in `root`: the database opens as a registry, every registered master's
-    key matches its fingerprint (and `masters`, the manifest's) and its weights their sha256, and every
-    file its sha256 in `files`. Returns the masters and buyer counts found."""
+    key matches its fingerprint (and `masters`, the manifest's) and its weights their sha256, the seller
+    key is the chain's (and `seller`, the manifest's), and every file its sha256 in `files`. Returns the
+    masters, the seller key's fingerprint and buyer counts found."""
     if files.get(DB_NAME) is None or sha256_file(root / DB_NAME) != files[DB_NAME]:
         raise BadInput(f"{root / DB_NAME}: sha256 differs from the backup manifest; the database was altered")
     try:
@@ -125,6 +149,7 @@ def _verify(root: Path, files: dict[str, str], masters: dict[str, str] | None = 
         raise BadInput(f"{root / DB_NAME}: not a usable registry database ({e})") from e
     try:
         found, checked = [], {DB_NAME}
+        fingerprint = _check_seller(reg, files, seller)
         for m in reg.masters():
             key_rel = f"{KEYS}/{m.name}.key"
             if key_rel not in files:
@@ -148,7 +173,7 @@ def _verify(root: Path, files: dict[str, str], masters: dict[str, str] | None = 
         for rel in sorted(set(files) - checked):
             if sha256_file(root / rel) != files[rel]:
                 raise BadInput(f"{rel}: sha256 differs from the backup manifest; the file was altered")
-        return {"masters": found, "buyers": len(reg.buyers()),
+        return {"masters": found, "seller": fingerprint, "buyers": len(reg.buyers()),
                 "reserved": len(reg.buyers(status="reserved"))}
     finally:
         reg.close()
@@ -202,6 +227,7 @@ def _read_manifest(src: Path) -> dict:
         info = json.loads((src / MANIFEST).read_text())
         files = {r["path"]: r["sha256"] for r in info["files"]}
         masters = {m["name"]: m["key_fingerprint"] for m in info["masters"]}
+        seller = info.get("seller")  # absent from backups made before the seller key
     except FileNotFoundError:
         raise BadInput(f"{src}: not a wmtrace registry backup (no {MANIFEST})") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -210,14 +236,14 @@ def _read_manifest(src: Path) -> dict:
         raise BadInput(f"{src / MANIFEST}: not a wmtrace registry backup of version {VERSION}")
     for rel in files:  # only the registry's own files, one level down: nothing escapes the target
         folder, _, name = rel.rpartition("/")
-        if not (rel == DB_NAME or (folder in (KEYS, MASTERS) and name and not name.startswith("."))):
+        if not (rel in (DB_NAME, SELLER_KEY) or (folder in (KEYS, MASTERS) and name and not name.startswith("."))):
             raise BadInput(f"{src / MANIFEST}: unexpected file {rel!r} in the manifest")
     present = set(_secret_files(Layout(src))) | ({DB_NAME} if (src / DB_NAME).is_file() else set())
     if present - set(files):
         raise BadInput(f"{src / sorted(present - set(files))[0]}: not in the backup manifest; the backup was altered")
     if set(files) - present:
         raise BadInput(f"{src / sorted(set(files) - present)[0]}: missing from the backup")
-    return {"created": info.get("created"), "files": files, "masters": masters}
+    return {"created": info.get("created"), "files": files, "masters": masters, "seller": seller}
 
 
 def restore(src: str | os.PathLike, root: str | os.PathLike) -> dict:
@@ -241,7 +267,7 @@ def restore(src: str | os.PathLike, root: str | os.PathLike) -> dict:
                 _sha256_copy(src / rel, tmp / rel)
         except OSError as e:
             raise BadInput(f"{root}: cannot copy the backup ({e.strerror})") from e
-        found = _verify(tmp, manifest["files"], manifest["masters"])
+        found = _verify(tmp, manifest["files"], manifest["masters"], manifest["seller"])
         rows = _file_rows(tmp, manifest["files"])
     return {"registry": str(root), "source": str(src), "created": manifest["created"], **found,
             "files": rows, "bytes": sum(r["size"] for r in rows)}
