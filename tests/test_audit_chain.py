@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from wmtrace import api
+from wmtrace.errors import BadInput
 from wmtrace.evidence import chain, commit, statement
-from wmtrace.evidence.signing import canonical, sha256_hex
+from wmtrace.evidence.signing import SigningKey, canonical, sha256_hex
 
 OLD = Path(__file__).parent / "data" / "registry-0.1.0" / "registry"
 
@@ -80,6 +83,32 @@ def test_an_edited_detail_is_named(workdir):
         db.execute("UPDATE audit SET detail = replace(detail, 'buyer-0002', 'buyer-0009') WHERE seq = ?", (s,))
     (p,) = _problems(root)
     assert p.startswith(f"entry {s}: edited")
+
+
+def test_a_detail_that_is_no_longer_json_is_named_not_raised(workdir):
+    root = workdir / "registry"
+    s = _issue_seq(root, 3)
+    with _db(root) as db:
+        db.execute("UPDATE audit SET detail = '{\"id\": 3,' WHERE seq = ?", (s,))
+    (p,) = _problems(root)
+    assert p.startswith(f"entry {s}: edited")
+
+
+def test_a_buyers_acknowledgement_is_recorded_in_the_chain_and_a_forged_one_refused(workdir):
+    root = workdir / "registry"
+    buyer = SigningKey.generate()
+    with api.open_registry(root) as reg:
+        r = reg.receipts("small", [2])[2]
+        ack = statement.acknowledge(r, buyer)
+        with pytest.raises(BadInput, match="acknowledgement refused: it acknowledges another receipt"):
+            reg.record_ack(statement.acknowledge(r | {"proof": []}, buyer))  # signed, over an altered receipt
+        with pytest.raises(BadInput, match="acknowledgement refused: the buyer's signature does not verify"):
+            reg.record_ack(ack | {"at": ack["at"] + 1})
+        assert reg.ack("small", 2) is None
+        assert reg.record_ack(ack) == r and reg.ack("small", 2) == ack
+        last = reg.audit_chain()[-1]
+        assert (last["action"], last["detail"]["id"]) == ("acknowledged", 2)
+        assert reg.verify_chain()["ok"]
 
 
 def test_a_deleted_entry_is_named_by_its_gap(workdir):

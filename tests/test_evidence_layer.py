@@ -204,6 +204,21 @@ def test_an_acknowledgement_verifies_for_its_buyer_and_receipt_only():
         "the acknowledgement carries no readable buyer key"]
 
 
+def test_malformed_receipts_and_entries_give_problems_not_exceptions():
+    doc, receipts = _receipts(3)
+    r = receipts[0]
+    for bad in (r | {"statement": [1]}, r | {"leaf": [1, 2]}, r | {"statement": doc | {"master": "m"}},
+                r | {"proof": 7}, r | {"proof": [["L"]]}, r | {"leaf": None, "statement": None}):
+        assert statement.check_receipt(bad, SELLER.public), bad
+    ack = statement.acknowledge(r, OTHER)
+    for bad in ([1], None, {"leaf": 1}):
+        assert statement.check_ack(ack, bad)
+    assert not SELLER.public.verify_document([1])
+    entries = _chain(3)
+    for bad in ([1], entries[1] | {"hash": [1]}, entries[1] | {"prev": [1]}, entries[1] | {"sig": {"a": 1}}):
+        assert chain.check([entries[0], bad, entries[2]], SELLER.public, chain.GENESIS)
+
+
 # RFC 3161 request, key secrecy ---------------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_openssl_reads_the_timestamp_request_and_its_digest(tmp_path):

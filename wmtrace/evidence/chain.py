@@ -42,12 +42,15 @@ def check(entries: list[dict], public: PublicKey, first_prev: str | None = None)
     sig): edited, unsigned or wrongly signed, removed, reordered. `first_prev`: the hash the first entry
     must follow (GENESIS for a whole chain; None for a segment, whose start is taken as it is)."""
     problems: list[Problem] = []
-    by_hash = {e.get("hash"): e for e in entries}
+    entries = [e if isinstance(e, dict) else {} for e in entries]  # another shape: malformed, below
+    by_hash = {e.get("hash"): e for e in entries if isinstance(e.get("hash"), str)}
     prev_hash, prev_seq = first_prev, None
     for e in entries:
         seq = e.get("seq")
         try:
             h = entry_hash(e["prev"], e["at"], e["action"], e["master"], e["detail"])
+            if not isinstance(e["prev"], str | None):
+                raise TypeError("prev")
         except (KeyError, TypeError, ValueError):
             problems.append(Problem(seq, "malformed (fields missing or unreadable)"))
             prev_hash, prev_seq = e.get("hash"), seq

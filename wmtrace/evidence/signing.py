@@ -75,7 +75,7 @@ class PublicKey:
 
     def verify_document(self, doc: dict) -> bool:
         """The document's signature is this key's, over the document as it stands."""
-        sig = doc.get(SIGNATURE)
+        sig = doc.get(SIGNATURE) if isinstance(doc, dict) else None
         if not isinstance(sig, dict) or sig.get("signer") != self.fingerprint:
             return False
         return self.verify(str(sig.get("ed25519", "")), canonical({k: v for k, v in doc.items() if k != SIGNATURE}))

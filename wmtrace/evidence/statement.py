@@ -52,14 +52,18 @@ def check_receipt(r: dict, public: PublicKey) -> list[str]:
     if not isinstance(r, dict) or r.get("type") != RECEIPT:
         return ["not a wmtrace receipt"]
     problems = []
-    s = r.get("statement") or {}
+    s, leaf = _dict(r.get("statement")), _dict(r.get("leaf"))  # a hostile file's other shapes: problems, not errors
     if not public.verify_document(s):
         problems.append("the statement's signature is not the seller's")
     if not merkle.verify(r.get("leaf"), r.get("proof") or [], str(s.get("root"))):
         problems.append("the buyer's leaf is not in the statement's Merkle tree")
-    if (r.get("leaf") or {}).get("master") != (s.get("master") or {}).get("name"):
+    if leaf.get("master") != _dict(s.get("master")).get("name"):
         problems.append("the leaf names another master than the statement")
     return problems
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def acknowledge(r: dict, buyer: SigningKey, at: float | None = None) -> dict:
@@ -75,6 +79,8 @@ def check_ack(ack: dict, r: dict, buyer_public: PublicKey | None = None) -> list
     the key it carries: that key is only the buyer's if the seller recorded it at the sale)."""
     if not isinstance(ack, dict) or ack.get("type") != ACK:
         return ["not a wmtrace acknowledgement"]
+    if not isinstance(r, dict):
+        return ["not a wmtrace receipt"]
     try:
         carried = PublicKey(bytes.fromhex(str(ack.get("buyer_public_key"))))
     except ValueError:

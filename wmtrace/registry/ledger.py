@@ -25,6 +25,15 @@ IMPORTED = ("master", "id", "name", "status", "codeword", "file", "sha256", "agr
             "created", "statement", "ack")  # a buyer's columns copied by `registry migrate`
 
 
+def _detail(text: str):
+    """An entry's detail; text that is no longer JSON (a row edited by hand) is kept as it is, so that
+    `verify_chain` names the entry instead of failing to read the log."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
+
+
 class Ledger:
     MARK: str = "?"
     location: str
@@ -91,7 +100,7 @@ class Ledger:
     def _start_chain(self, c, legacy: bool) -> dict:
         """The first signed entry: the seller's public key, the hash of every earlier (unsigned) entry, and
         a commitment to each master's key; then a statement over each master's issued buyers."""
-        earlier = [[r["seq"], r["at"], r["action"], r["master"], json.loads(r["detail"])]
+        earlier = [[r["seq"], r["at"], r["action"], r["master"], _detail(r["detail"])]
                    for r in c.execute("SELECT seq, at, action, master, detail FROM audit ORDER BY seq").fetchall()]
         masters = {}
         for r in c.execute("SELECT name, weights_sha256, key_commitment FROM masters ORDER BY name").fetchall():
@@ -137,7 +146,7 @@ class Ledger:
         rows = self._rows(self._sql(f"SELECT {ENTRY_COLUMNS} FROM audit WHERE seq >= ? AND seq <= ? ORDER BY seq"),
                           (first if first is not None else 0, last if last is not None else 2**62))
         return [{"seq": r["seq"], "at": r["at"], "action": r["action"], "master": r["master"],
-                 "detail": json.loads(r["detail"]), "prev": r["prev"], "hash": r["hash"], "sig": r["sig"]}
+                 "detail": _detail(r["detail"]), "prev": r["prev"], "hash": r["hash"], "sig": r["sig"]}
                 for r in rows]
 
     def verify_chain(self) -> dict:
