@@ -210,6 +210,9 @@ class _Bundle:
                      "not the seller's")
             _require(s["master"]["name"] == self.manifest["master"], f"statement {s['number']} is of another master")
             _require(document_hash(s) in logged, f"statement {s['number']} is not in the audit log")
+            head = {e["seq"]: e["hash"] for e in self.audit}.get(s["chain_head"]["seq"])
+            _require(head in (None, s["chain_head"]["hash"]), f"statement {s['number']} pinned entry "
+                     f"{s['chain_head']['seq']} as {s['chain_head']['hash'][:16]}...: the log was rewritten since")
             numbers.append(s["number"])
         return f"statement(s) {sorted(set(numbers))} signed and logged"
 
