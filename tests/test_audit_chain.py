@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -218,6 +219,7 @@ def _append(root: str, n: int, who: str, go) -> None:
                 reg.log_trace(f"{who}-{k}.safetensors", "not-found", None, None)
             else:
                 reg.log_event("note", None, who=who, k=k)
+            time.sleep(0.005)  # lets the other process in: without it one often holds the lock throughout
 
 
 def _race(root: Path, n: int) -> None:
