@@ -13,6 +13,7 @@ import pytest
 
 from wmtrace import api
 from wmtrace.coding import keys
+from wmtrace.errors import BadInput
 from wmtrace.evidence import commit
 from wmtrace.evidence.signing import SigningKey, canonical, document_hash
 from wmtrace.pipeline import verify as verify_mod
@@ -264,3 +265,15 @@ def test_verify_needs_no_registry_and_reads_nothing_outside_the_bundle(honest, t
     assert v.ok
     assert not (tmp_path / "no-registry-here").exists() and not (tmp_path / "registry").exists()
     assert document_hash(_doc(bundle, BUNDLE))  # the manifest is a signed document
+
+
+def test_a_master_whose_key_was_revealed_issues_no_new_copy_unless_told(honest, tmp_path):
+    """The bundle's holder can strip this master's marks: new copies come from a new registration."""
+    root, _, _, _ = honest
+    with api.open_registry(root / "registry") as reg:
+        assert reg.revealed("small")["accused"] == [2]
+        before = len(reg.buyers("small"))
+        with pytest.raises(BadInput, match="revealed in an evidence bundle"):
+            api.issue(reg, buyers=1, out=tmp_path / "new")
+        assert len(reg.buyers("small", status=None)) == before and not (tmp_path / "new").exists()
+        assert [b.id for b in api.issue(reg, buyers=1, out=tmp_path / "new", allow_revealed=True)] == [before + 1]

@@ -33,8 +33,12 @@ def audit_verify(registry: RegistryOpt = None, as_json: JsonOpt = False) -> None
                                 f"{info['seller']}{before}; head {info['head'][:16]}..., {info['statements']} "
                                 "statement(s)"))
     else:
-        what = f"{len(info['problems'])} problem(s)" if info["problems"] else "no signed entry yet"
-        out.print(Text.assemble(("broken", "bold red"), f": {what} in {info['entries']} entries"))
+        if not info["signed"]:
+            out.print(f"not signed yet: {info['entries']} entries from before the signed audit log; the chain "
+                      "starts, committing to them, at the registry's next write")
+        else:
+            out.print(Text.assemble(("broken", "bold red"), f": {len(info['problems'])} problem(s) in "
+                                    f"{info['entries']} entries"))
     raise typer.Exit(0 if info["ok"] else 1)
 
 

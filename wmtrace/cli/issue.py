@@ -42,6 +42,9 @@ def issue(
     ray_workers: Annotated[
         int | None, typer.Option(help="Ray actors, each holding the master [default: one per CPU of the cluster]")
     ] = None,
+    allow_revealed: Annotated[bool, typer.Option(
+        "--allow-revealed", help="Issue from a master whose key an evidence bundle revealed (its marks can be "
+        "stripped by whoever holds that bundle)")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Turn the master into buyer copies, each carrying its buyer's ID, each verified by tracing it."""
@@ -72,7 +75,7 @@ def issue(
     try:
         with bar:
             issued = api.issue(reg, buyers, name_list, out_dir, master, progress=progress, eval_samples=eval_samples,
-                               ray=ray, ray_workers=ray_workers, store=store)
+                               ray=ray, ray_workers=ray_workers, store=store, allow_revealed=allow_revealed)
     except KeyboardInterrupt:
         rest = "run the same command again: names already issued are skipped" if name_list is not None else \
             f"'--buyers {count['of'] - count['done']}' issues the rest"

@@ -19,6 +19,7 @@ import torch
 from .. import failpoint, fidelity, formats, modelio, schemes, targets
 from ..coding import codes
 from ..errors import BadArgument, BadInput, SelfCheckFailed
+from ..evidence.statement import date
 from ..registry import Buyer, Master, Registry
 from . import evidence, patches
 from .query import query_target
@@ -77,6 +78,7 @@ def issue(
     ray: str | bool | None = None,
     store: str = "full",
     ray_workers: int | None = None,
+    allow_revealed: bool = False,
 ) -> list[Buyer]:
     """Issue buyer copies; returns those issued by this call.
 
@@ -96,6 +98,8 @@ def issue(
         distributed.check(ray, ray_workers)
     m = reg.master(master) if master or reg.masters() else ensure_example(reg)
     patches.check_store(store, m)
+    if not allow_revealed:
+        refuse_revealed(reg, m)
     if names is not None:
         have = {b.name for b in reg.buyers(m.name)}
         wanted = [n for n in wanted if n not in have]
@@ -127,6 +131,17 @@ def issue(
         raise
     evidence.publish(reg, m.name, done, out)
     return done
+
+
+def refuse_revealed(reg: Registry, m: Master) -> None:
+    """A master whose key went out in an evidence bundle marks no new copy: whoever holds the bundle can
+    strip that master's marks. The rotation is a new registration of the same weights (a new key)."""
+    r = reg.revealed(m.name)
+    if r is not None:
+        raise BadInput(f"the key of master {m.name!r} was revealed in an evidence bundle ({date(r['at'])}): "
+                       f"its marks can be stripped by whoever holds the bundle; register the weights again for new "
+                       f"copies (wmtrace init --name NEW --weights {m.weights} --model {m.factory}"
+                       f"{f' --data {m.data}' if m.data else ''}), or pass --allow-revealed")
 
 
 class _Run:

@@ -78,10 +78,13 @@ class Ledger:
     def _tail(self, c) -> str:
         """The chain's last hash, under the chain's lock; the chain is started first if there is none."""
         self._chain_lock(c)
-        last = c.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        if last is not None and last["hash"] is not None:
+        # The last signed entry: an unsigned row after it (an older wmtrace writing to an upgraded registry)
+        # is left out of the chain, and `verify_chain` names it, rather than a second chain being started.
+        last = c.execute("SELECT hash FROM audit WHERE hash IS NOT NULL ORDER BY seq DESC LIMIT 1").fetchone()
+        if last is not None:
             return last["hash"]
-        self._start_chain(c, legacy=last is not None)  # may be followed by statements over issued buyers
+        legacy = c.execute("SELECT 1 FROM audit LIMIT 1").fetchone() is not None
+        self._start_chain(c, legacy=legacy)  # may be followed by statements over issued buyers
         return c.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()["hash"]
 
     def log_event(self, action: str, master: str | None, **detail) -> dict:
@@ -154,8 +157,11 @@ class Ledger:
         entries = self.audit_chain()
         earlier = next((k for k, e in enumerate(entries) if e["hash"] is not None), len(entries))
         signed = entries[earlier:]
-        problems = chain.check(signed, self.public_key(), chain.GENESIS) if signed else []
-        if signed and signed[0]["action"] == chain.START:
+        if not signed:  # a registry from before the chain, not written to since: nothing to check, no key made
+            return {"entries": len(entries), "signed": 0, "unsigned_before_chain": earlier, "head": None,
+                    "seller": None, "statements": 0, "problems": [], "ok": False}
+        problems = chain.check(signed, self.public_key(), chain.GENESIS)
+        if signed[0]["action"] == chain.START:
             start = signed[0]["detail"]
             got = sha256_hex(canonical([[e["seq"], e["at"], e["action"], e["master"], e["detail"]]
                                         for e in entries[:earlier]]))
@@ -164,9 +170,9 @@ class Ledger:
                                                  "chain differ from those it committed to"))
         head = self._rows("SELECT MAX(number) AS n FROM statements")
         return {"entries": len(entries), "signed": len(signed), "unsigned_before_chain": earlier,
-                "head": signed[-1]["hash"] if signed else None, "seller": self.public_key().fingerprint,
+                "head": signed[-1]["hash"], "seller": self.public_key().fingerprint,
                 "statements": (head[0]["n"] or 0) if head else 0, "problems": [str(p) for p in problems],
-                "ok": not problems and bool(signed)}
+                "ok": not problems}
 
     # Statements and receipts ----------------------------------------------------------------------
     def make_statement(self, master: str) -> dict | None:
@@ -250,6 +256,12 @@ class Ledger:
     def ack(self, master: str, buyer_id: int) -> dict | None:
         r = self._rows(self._sql("SELECT ack FROM buyers WHERE master = ? AND id = ?"), (master, buyer_id))
         return json.loads(r[0]["ack"]) if r and r[0]["ack"] else None
+
+    def revealed(self, master: str) -> dict | None:
+        """The last time an evidence bundle revealed the master's key (its "reveal" entry), or None."""
+        r = self._rows(self._sql("SELECT seq, at, detail FROM audit WHERE action = 'reveal' AND master = ? "
+                                 "ORDER BY seq DESC LIMIT 1"), (master,))
+        return {"seq": r[0]["seq"], "at": r[0]["at"], **json.loads(r[0]["detail"])} if r else None
 
     def commitment(self, master: str) -> dict:
         """A master's key commitment, its nonce (secret until revealed) and the entry that committed it."""
