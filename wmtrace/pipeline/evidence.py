@@ -52,8 +52,9 @@ def publish(reg: Registry, master: str, issued: Sequence[Buyer], out: Path) -> d
         name = f"statement-{doc['number']}"
         write_document(out / f"{name}.json", doc)
         (out / f"{name}.tsq").write_bytes(timestamp.request(canonical(doc) + b"\n"))
+    receipts = reg.receipts(master, [b.id for b in issued])  # one call: each statement's tree built once
     for b in issued:
-        r = reg.receipts(master, [b.id]).get(b.id)
+        r = receipts.get(b.id)
         if r is not None:
             path = out / f"{b.name}.receipt.json"
             write_document(path, r)
