@@ -18,6 +18,7 @@ buyers, the audit chain's signatures, and an evidence bundle.
    one; `--no-postgres` skips it): the registry migrated to a fresh database before its statement.
 3. Per entry: Ed25519 sign and verify of an entry hash, the entry's sha256, `chain.seal`.
 4. `api.evidence` (trace + bundle) and `api.verify` of one issued copy, and the bundle's size.
+5. `publish` after one `issue` call of `--publish-batch` buyers: the statement and every receipt.
 """
 
 from __future__ import annotations
@@ -266,6 +267,21 @@ def on_postgres(server: str, root: Path, master: str, entries: int) -> dict:
             c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def publish_batch(on_root: Path, work: Path, count: int) -> dict:
+    """`publish` after one `issue` call of `count` buyers (rows added as `fill` adds them): the statement
+    over them and every receipt written beside the copies."""
+    root = work / "batch"
+    shutil.copytree(on_root, root)
+    with api.open_registry(root) as reg:
+        m = reg.master(api.EXAMPLE_MASTER)
+        fill(root / "wmtrace.db", m.name, reg.key(m.name), m.config.code, count)
+        issued = [b for b in reg.buyers(m.name) if b.status == "issued" and b.file is None]
+        (root / "out").mkdir()
+        s_publish, doc = clock(lambda: evidence.publish(reg, m.name, issued, root / "out"))
+    assert doc["buyers"] == count == len(list((root / "out").glob("*.receipt.json")))
+    return {"buyers": count, "publish_s": s_publish, "publish_ms_per_buyer": round(s_publish / count * 1e3, 3)}
+
+
 def scale(args: argparse.Namespace, on_root: Path, work: Path) -> dict:
     large = work / "large"
     shutil.copytree(on_root, large)
@@ -290,6 +306,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="copies per batch")
     ap.add_argument("--eval-samples", type=int, default=0, help="held-out samples per copy in the side-by-side")
     ap.add_argument("--default-eval-buyers", type=int, default=2, help="copies issued at the master's eval_samples")
+    ap.add_argument("--publish-batch", type=int, default=10_000, help="buyers of one issue call for `publish` alone")
     ap.add_argument("--buyers", type=int, default=100_000, help="issued buyers added for the statement at scale")
     ap.add_argument("--chain", type=int, default=100_000, help="signed entries appended before verify_chain")
     ap.add_argument("--entries", type=int, default=20_000, help="entries for the per-entry figures")
@@ -316,6 +333,8 @@ def main() -> None:
         if args.default_eval_buyers:
             result["issue_default_eval"] = shipped_only(on_root, work / "copies", args.default_eval_buyers)
         result["bundle"] = bundle(on_root, work)
+        if args.publish_batch:
+            result["publish_batch"] = publish_batch(on_root, work, args.publish_batch)
         if args.no_postgres:
             args.postgres = None
         elif not args.postgres:
