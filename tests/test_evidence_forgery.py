@@ -183,6 +183,14 @@ def _statement_of_other_master(b, key):
     _resign(b, key)
 
 
+def _fewer_issued_ids(b, key):
+    """The seller hides most of its buyers from the arbiter: fewer candidates, a smaller bound."""
+    reveal = _doc(b, "reveal.json")
+    reveal["issued_ids"] = [2]
+    _put(b, "reveal.json", reveal)
+    _resign(b, key)
+
+
 FORGERIES = [  # (name, forge, failing check)
     ("edited audit entry", _edit_entry, "audit chain"),
     ("dropped audit entry", _drop_entry, "audit chain"),
@@ -201,6 +209,7 @@ FORGERIES = [  # (name, forge, failing check)
     ("codeword nonce that does not open the leaf", _wrong_codeword_nonce, "codeword commitments"),
     ("a listed path outside the bundle", _path_outside, "bundle files"),
     ("statement of another master", _statement_of_other_master, "statements"),
+    ("issued IDs shortened to tighten the bound", _fewer_issued_ids, "issued IDs"),
 ]
 
 
@@ -208,7 +217,7 @@ def test_the_honest_bundle_verifies(honest):
     root, bundle, leak, _ = honest
     v = api.verify(bundle, leak, root / "seller.pem")
     assert v.ok, v.to_dict()
-    assert len(v.checks) >= 14 and v.accused == [{"id": 2, "name": "buyer-0002"}]
+    assert len(v.checks) >= 15 and v.accused == [{"id": 2, "name": "buyer-0002"}]
 
 
 @pytest.mark.parametrize("name,forge,check", FORGERIES, ids=[f[0] for f in FORGERIES])

@@ -100,7 +100,8 @@ class _Bundle:
                     ("statements", self.statements), ("key commitment", self.key_commitment),
                     ("key committed before statement", self.key_before_statement), ("merkle proofs", self.proofs),
                     ("codeword commitments", self.codewords), ("issue entries", self.issue_entries),
-                    ("buyer acknowledgements", self.acks), ("re-extraction", self.reextract)]
+                    ("buyer acknowledgements", self.acks), ("issued IDs", self.issued_ids),
+                    ("re-extraction", self.reextract)]
 
     # Reading ----------------------------------------------------------------------------------
     def path(self, rel: str) -> Path:
@@ -289,6 +290,16 @@ class _Bundle:
             key = PublicKey(bytes.fromhex(self.json(f"receipts/{i}.ack.json")["buyer_public_key"]))
             said.append(f"buyer {i}: acknowledged, signed by key {key.fingerprint}")
         return "; ".join(said)
+
+    def issued_ids(self) -> str:
+        """The bound counts the issued IDs: a list shorter than the log's statements would tighten it."""
+        ids = {int(i) for i in self.reveal["issued_ids"]}
+        stated = sum(int(e["detail"].get("buyers", 0)) for e in self.audit
+                     if e["action"] == "statement" and e["master"] == self.manifest["master"])
+        _require(len(ids) >= stated, f"{len(ids)} issued IDs revealed, but the log's statements cover {stated} "
+                 "buyers: a shortened list would tighten the bound")
+        _require(set(self.accused) <= ids, "an accused buyer is not among the revealed issued IDs")
+        return f"{len(ids)} issued IDs, at least the {stated} buyers the log's statements cover"
 
     def reextract(self) -> str:
         m = self.manifest
