@@ -9,6 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wmtrace"
 FORBIDDEN = {
     "wmtrace.coding": ("wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.registry",
                        "wmtrace.formats", "wmtrace.attacks", "wmtrace.modelio"),
+    "wmtrace.evidence": ("wmtrace.coding", "wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli",
+                         "wmtrace.registry", "wmtrace.formats", "wmtrace.attacks", "wmtrace.modelio", "wmtrace.targets"),
     "wmtrace.registry": ("wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.attacks"),
     "wmtrace.formats": ("wmtrace.schemes", "wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.registry"),
     "wmtrace.schemes": ("wmtrace.pipeline", "wmtrace.api", "wmtrace.cli", "wmtrace.attacks"),
