@@ -213,10 +213,15 @@ class Ledger:
         """Each buyer's receipt (statement, leaf, Merkle proof), rebuilt from the statement's buyers; a
         buyer not in a statement yet has none (`make_statement` first)."""
         numbers: dict[int, list[int]] = {}
-        for i in ids:
-            r = self._rows(self._sql("SELECT statement FROM buyers WHERE master = ? AND id = ?"), (master, i))
-            if r and r[0]["statement"] is not None:
-                numbers.setdefault(r[0]["statement"], []).append(i)
+        if len(ids) <= 16:
+            rows = [r for i in ids for r in self._rows(self._sql(
+                "SELECT id, statement FROM buyers WHERE master = ? AND id = ? AND statement IS NOT NULL"), (master, i))]
+        else:  # a whole issuing run's buyers: one read, not a round trip each
+            wanted = set(ids)
+            rows = [r for r in self._rows(self._sql("SELECT id, statement FROM buyers WHERE master = ? AND "
+                                                    "statement IS NOT NULL"), (master,)) if r["id"] in wanted]
+        for r in rows:
+            numbers.setdefault(r["statement"], []).append(r["id"])
         out = {}
         for number, wanted in numbers.items():
             body = self._rows(self._sql("SELECT body FROM statements WHERE number = ?"), (number,))[0]["body"]
