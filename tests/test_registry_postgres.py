@@ -1,6 +1,7 @@
 """The PostgreSQL registry on a real server (tests/pg.py): IDs, leases, sealed keys, schema versions,
 storage, `registry migrate`, and the CLI end to end."""
 
+import base64
 import json
 import multiprocessing as mp
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,6 +21,8 @@ from wmtrace import api, registry
 from wmtrace.coding import keys
 from wmtrace.coding.codes import CodeSpec
 from wmtrace.errors import BadInput
+from wmtrace.evidence import statement
+from wmtrace.evidence.signing import PublicKey, SigningKey
 from wmtrace.registry import Master, MasterConfig, keystore, mask
 from wmtrace.registry import postgres as pg
 from wmtrace.registry.base import _conforms
@@ -103,6 +107,66 @@ def test_concurrent_processes_never_share_an_id(reg, pg_url):
     for p in procs:
         p.join(timeout=60)
     assert sorted(ids) == list(range(1, 61))
+    # 60 entries appended by four processes at once: one unbroken chain, no two entries after the same one.
+    entries = reg.audit_chain()
+    assert [e["action"] for e in entries] == ["chain-start", "init", *["reserve"] * 60]
+    assert len({e["prev"] for e in entries}) == len(entries)
+    check = reg.verify_chain()
+    assert check["ok"] and check["signed"] == 62, check["problems"][:3]
+
+
+def _log_traces(url: str) -> None:
+    with registry.open(url) as r:
+        for _ in range(15):
+            r.log_trace("leak.safetensors", "not found", "m", None)
+
+
+def test_hosts_appending_at_once_keep_one_chain(reg, pg_url):
+    """Entries under no master's lock (traces) from four connections at once: the chain's advisory lock
+    makes each follow the last committed one (without it, two follow the same entry and the chain forks)."""
+    _master(reg)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(_log_traces, [pg_url] * 4))
+    entries = reg.audit_chain()
+    assert len(entries) == 62 and len({e["prev"] for e in entries}) == 62
+    check = reg.verify_chain()
+    assert check["ok"] and check["head"] == entries[-1]["hash"], check["problems"][:3]
+
+
+def _seller(url: str) -> str:
+    with registry.open(url) as r:
+        return r.public_key().fingerprint
+
+
+def test_the_seller_key_is_sealed_made_once_and_needs_the_kek(reg, pg_url, kek, monkeypatch):
+    """Hosts creating the seller key at once agree on one; its seed is nowhere in the database in the clear
+    (every text and bytea column scanned); sealed, it does not open as a master's key, nor without the KEK."""
+    with ThreadPoolExecutor(4) as pool:
+        made = set(pool.map(_seller, [pg_url] * 4))
+    _master(reg)
+    reg.reserve("m", [None])
+    seed = reg.seller_key().seed
+    assert made == {reg.public_key().fingerprint}
+    forms = [seed.hex(), seed.hex().upper(), base64.b64encode(seed).decode(), kek.hex()]
+    with psycopg.connect(pg_url) as c:
+        columns = c.execute("SELECT table_name, column_name, data_type FROM information_schema.columns "
+                            "WHERE table_schema = 'public' AND data_type IN ('text', 'bytea')").fetchall()
+        assert ("seller", "sealed", "bytea") in columns and ("audit", "sig", "text") in columns
+        for table, column, kind in columns:
+            for (value,) in c.execute(f'SELECT "{column}" FROM "{table}" WHERE "{column}" IS NOT NULL'):
+                if kind == "bytea":
+                    assert seed not in bytes(value), (table, column)
+                else:
+                    assert not any(f in value for f in forms), (table, column)
+        assert c.execute("SELECT count(*) FROM seller").fetchone()[0] == 1
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("INSERT INTO master_keys SELECT 'seller', nonce, sealed, kek_fingerprint, created FROM seller")
+    with pytest.raises(BadInput, match="fails authentication"):
+        reg.key("seller")
+    monkeypatch.delenv("WMTRACE_KEK_FILE")
+    monkeypatch.setenv("WMTRACE_KEK", os.urandom(32).hex())
+    with registry.open(pg_url) as other, pytest.raises(BadInput, match="seller's signing key: key-encryption"):
+        other.reserve("m", [None])
 
 
 def _hold(url: str, lease: str, q) -> None:
@@ -266,6 +330,13 @@ def test_cli_init_issue_trace(pg_url, kek, tmp_path, master_file):
     with registry.open(pg_url) as reg:
         assert (storage / "masters" / "small.safetensors").exists() and reg.root == storage
         b = reg.buyers()[1]
+        check = reg.verify_chain()  # init and issue signed in one chain; the buyers stated, each with a receipt
+        assert check["ok"] and check["statements"] == 1, check
+        assert [e["action"] for e in reg.audit_chain()] == ["chain-start", "init", "reserve", "issue", "issue",
+                                                             "statement"]
+        receipt = json.loads((tmp_path / "out" / f"{b.name}.receipt.json").read_text())
+        assert receipt == reg.receipts("small", [b.id])[b.id]
+        assert statement.check_receipt(receipt, reg.public_key()) == []
     r = wmtrace("trace", b.file, "--json", registry=url)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["buyer"] == {"id": b.id, "name": b.name}
@@ -293,8 +364,16 @@ def test_concurrent_issuing_processes_and_a_killed_one(pg_url, kek, tmp_path, ma
 
 def test_migrate_sqlite_to_postgres_and_back(workdir, pg_url, kek, tmp_path, issued):
     """The conftest registry (3 buyers) copied to PostgreSQL and back to a folder, verified both ways; a copy
-    issued from the SQLite registry names its buyer against the migrated database."""
+    issued from the SQLite registry names its buyer against the migrated database. The evidence travels: the
+    same seller key, the chain row for row (still verifying, the "migrate" entries appended to it), the
+    statements, the receipts and a buyer's acknowledgement."""
     src = str(workdir / "registry")
+    with registry.open(src) as s:
+        ids = [b.id for b in s.buyers("small")]
+        receipts = s.receipts("small", ids)
+        s.record_ack(statement.acknowledge(receipts[ids[0]], SigningKey.generate()))
+        chain, public, stated = s.audit_chain(), s.public_key().raw, s.statements()
+    assert stated and len(receipts) == 3
     url, shown = _with_password(pg_url)
     r = wmtrace("registry", "migrate", "--to", url, "--storage", tmp_path / "storage", registry=src)
     assert r.returncode == 0 and shown in r.stdout and "3 issued" in r.stdout, r.stderr
@@ -302,15 +381,26 @@ def test_migrate_sqlite_to_postgres_and_back(workdir, pg_url, kek, tmp_path, iss
     with registry.open(src) as s, registry.open(pg_url) as p:
         assert [b.public() for b in p.buyers()] == [b.public() for b in s.buyers()]
         assert p.key("small") == s.key("small")
+        _same_evidence(p, chain, public, stated, receipts)
+        assert p.ack("small", ids[0]) == s.ack("small", ids[0]) is not None
         b = s.buyers()[2]
         assert api.trace(b.file, p).buyer == {"id": b.id, "name": b.name}
         back = api.migrate_registry(p, tmp_path / "back")
     assert back["buyers"] == 3 and back["masters"][0]["key_fingerprint"] == keys.fingerprint(keys.read(
         workdir / "registry" / "keys" / "small.key"))
+    assert back["seller"] == PublicKey(public).fingerprint and back["statements"] == len(stated)
     with registry.open(tmp_path / "back") as again:
         assert [b.public() for b in again.buyers()] == [b.public() for b in issued[1]]
         assert api.trace(b.file, again).buyer == {"id": b.id, "name": b.name}
-        assert {e["action"] for e in again.audit_log(1000)} >= {"init", "issue", "migrate"}
+        _same_evidence(again, chain, public, stated, receipts)
+        assert [e["action"] for e in again.audit_chain()[len(chain):]] == ["migrate", "trace", "migrate", "trace"]
+
+
+def _same_evidence(reg, chain: list[dict], public: bytes, stated: list[dict], receipts: dict) -> None:
+    check = reg.verify_chain()
+    assert check["ok"], check["problems"][:3]
+    assert reg.audit_chain()[:len(chain)] == chain and reg.public_key().raw == public
+    assert reg.statements() == stated and reg.receipts("small", list(receipts)) == receipts
 
 
 def test_backup_and_restore_point_to_migrate(reg, tmp_path):
