@@ -286,3 +286,30 @@ def test_a_master_whose_key_was_revealed_issues_no_new_copy_unless_told(honest, 
             api.issue(reg, buyers=1, out=tmp_path / "new")
         assert len(reg.buyers("small", status=None)) == before and not (tmp_path / "new").exists()
         assert [b.id for b in api.issue(reg, buyers=1, out=tmp_path / "new", allow_revealed=True)] == [before + 1]
+
+
+def test_a_bundle_sealed_to_an_arbiter_reveals_the_key_to_that_arbiter_alone(honest, tmp_path):
+    root, _, _, seller = honest
+    leak = root / "out" / "buyer-0003.safetensors"
+    api.new_arbiter_key(tmp_path / "arbiter.key")
+    api.new_arbiter_key(tmp_path / "other.key")
+    with api.open_registry(root / "registry") as reg:
+        api.evidence(reg, leak, tmp_path / "sealed", seal_to=tmp_path / "arbiter.key.pub")
+        key_hex = reg.key("small").hex().encode()
+    bundle = tmp_path / "sealed"
+    assert not (bundle / "reveal.json").exists()
+    assert not any(key_hex in p.read_bytes() for p in bundle.rglob("*") if p.is_file())
+    pem = root / "seller.pem"
+    anyone = api.verify(bundle, leak, pem)  # signatures, proofs and dates: checkable by anyone
+    assert anyone.verdict == "incomplete"
+    assert anyone.failed == ["key commitment", "codeword commitments", "issued IDs", "re-extraction"]
+    arbiter = api.verify(bundle, leak, pem, tmp_path / "arbiter.key")
+    assert arbiter.ok and arbiter.accused == [{"id": 3, "name": "buyer-0003"}]
+    wrong = api.verify(bundle, leak, pem, tmp_path / "other.key")
+    assert wrong.verdict == "rejected" and "sealed for another arbiter" in wrong.checks[7].detail
+    blob = bytearray((bundle / "reveal.sealed").read_bytes())
+    blob[-1] ^= 1
+    (bundle / "reveal.sealed").write_bytes(bytes(blob))
+    _resign(bundle, seller)
+    altered = api.verify(bundle, leak, pem, tmp_path / "arbiter.key")
+    assert "key commitment" in altered.failed and "authentication failed" in altered.checks[7].detail

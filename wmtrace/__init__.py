@@ -25,6 +25,7 @@ from .api import (
     materialize,
     materialize_stream,
     migrate_registry,
+    new_arbiter_key,
     open_registry,
     open_target,
     query,
@@ -53,6 +54,6 @@ __all__ = [
     "SelfCheckFailed", "TargetFailed", "TraceResult", "UnknownMaster", "WmtraceError", "__version__", "attack",
     "backup", "collude", "ensure_example", "evidence", "export_public_key", "export_receipt", "init", "issue",
     "list_buyers", "materialize", "materialize_stream",
-    "migrate_registry", "open_registry",
+    "migrate_registry", "new_arbiter_key", "open_registry",
     "open_target", "query", "record_receipt", "restore", "sign_receipt", "trace", "verify",
 ]

@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_MAX_FALSE_POSITIVE", "DEFAULT_STRENGTH", "EXAMPLE_DATA", "EXAMPLE_FACTORY", "EXAMPLE_MASTER", "Buyer",
     "Progress", "Registry", "TraceResult", "attack", "backup", "check_buyer_name", "check_issue", "check_store",
     "collude", "demo", "ensure_example", "evidence", "export_public_key", "export_receipt", "init", "issue",
+    "new_arbiter_key",
     "list_buyers", "materialize", "materialize_stream",
     "migrate_registry", "open_registry", "open_target", "query", "record_receipt", "restore", "sign_receipt", "trace",
     "verify",
@@ -66,16 +67,25 @@ def migrate_registry(src: RegistryBackend, to: str | os.PathLike, storage: str |
 
 
 def evidence(reg: RegistryBackend, leak: str | os.PathLike, out: str | os.PathLike, master: str | None = None,
-             max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE) -> dict:
+             max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE, seal_to: str | os.PathLike | None = None) -> dict:
     """Trace `leak` and write the evidence bundle an arbiter checks with `verify` (no registry needed);
-    returns its signed manifest. Reveals that master's key to whoever holds the bundle."""
-    return evidence_mod.build(reg, leak, out, master, max_false_positive)
+    returns its signed manifest. Reveals that master's key to whoever holds the bundle, or, with `seal_to`
+    (an arbiter's public key file from `new_arbiter_key`), to that arbiter alone."""
+    recipient = receipts.read_arbiter_public(seal_to) if seal_to is not None else None
+    return evidence_mod.build(reg, leak, out, master, max_false_positive, recipient)
 
 
-def verify(bundle: str | os.PathLike, leak: str | os.PathLike,
-           public_key: str | os.PathLike) -> verify_mod.Verification:
-    """Check an evidence bundle against the leak and the seller's public key file (PEM or 64 hex digits)."""
-    return verify_mod.verify(bundle, leak, receipts.read_public_key(public_key))
+def verify(bundle: str | os.PathLike, leak: str | os.PathLike, public_key: str | os.PathLike,
+           arbiter_key: str | os.PathLike | None = None) -> verify_mod.Verification:
+    """Check an evidence bundle against the leak and the seller's public key file (PEM or 64 hex digits);
+    `arbiter_key`: the arbiter's private key file, for a bundle sealed to them."""
+    private = receipts.read_arbiter_private(arbiter_key) if arbiter_key is not None else None
+    return verify_mod.verify(bundle, leak, receipts.read_public_key(public_key), private)
+
+
+def new_arbiter_key(path: str | os.PathLike) -> str:
+    """Create an arbiter's X25519 key file (0600) and `PATH.pub` beside it; returns the public key (hex)."""
+    return receipts.new_arbiter_key(path)
 
 
 def export_public_key(reg: RegistryBackend) -> str:

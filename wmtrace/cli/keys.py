@@ -29,3 +29,14 @@ def export_public(
         return
     dest.write_text(pem)
     out.print(f"wrote the seller public key {fingerprint} to {dest}")
+
+
+@app.command("arbiter")
+@guarded
+def arbiter(
+    dest: Annotated[Path, typer.Option("--out", help="The arbiter's private key file to create (0600)")],
+) -> None:
+    """For an arbiter: create a key pair; give DEST.pub to the seller ('wmtrace evidence --seal-to DEST.pub'),
+    keep DEST for 'wmtrace verify --arbiter-key DEST'."""
+    public = api.new_arbiter_key(dest)
+    out.print(f"created {dest} (0600, keep it) and {dest}.pub (give it to the seller): {public}")

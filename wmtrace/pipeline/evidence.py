@@ -23,12 +23,13 @@ from safetensors.torch import save_file as save_torch
 
 from .. import formats, modelio, schemes
 from ..errors import BadInput
-from ..evidence import timestamp
+from ..evidence import seal, timestamp
 from ..evidence.signing import canonical, document_hash
 from ..registry import Buyer, Registry
 from .trace import COLLUDERS, DEFAULT_MAX_FALSE_POSITIVE, IDENTIFIED, TraceResult, trace_tensors
 
 BUNDLE = "bundle.json"
+REVEAL, SEALED = "reveal.json", "reveal.sealed"  # the master's key and nonces, in the clear or for the arbiter
 FORMAT = "wmtrace/evidence"
 
 
@@ -84,12 +85,13 @@ class NothingToProve(BadInput):
 
 
 def build(reg: Registry, leak: str | os.PathLike, out: str | os.PathLike, master: str | None = None,
-          max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE) -> dict:
+          max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE, seal_to: bytes | None = None) -> dict:
     """Trace `leak` and write its evidence bundle to the new folder `out`; returns the signed manifest.
 
     The trace is logged with the leak's sha256 (the chain entry the bundle points at), then a "reveal"
     entry records that this master's key left the registry: rotate to a new master (`wmtrace init`) for
-    copies sold from now on if the arbiter may not be trusted with it (README, *Threat model*)."""
+    copies sold from now on if the arbiter may not be trusted with it (README, *Threat model*). `seal_to`: an
+    arbiter's X25519 public key: what reveals the key (`reveal.sealed`) is readable by that arbiter alone."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out}: exists and is not an empty folder; evidence goes into a new one")
@@ -110,7 +112,7 @@ def build(reg: Registry, leak: str | os.PathLike, out: str | os.PathLike, master
     start = next(e["seq"] for e in chain if e["hash"] == commitment["committed_in"])
     end = next(e["seq"] for e in chain if e["hash"] == entry["hash"])
     with formats.write.atomic_folder(out) as tmp:
-        _write_reveal(reg, m, accused, tmp)
+        _write_reveal(reg, m, accused, tmp, seal_to)
         for i, r in receipts.items():
             (tmp / "receipts").mkdir(exist_ok=True)
             write_document(tmp / "receipts" / f"{i}.json", r)
@@ -123,14 +125,15 @@ def build(reg: Registry, leak: str | os.PathLike, out: str | os.PathLike, master
             "type": FORMAT, "version": 1, "seller": reg.public_key().fingerprint, "created": time.time(),
             "leak": {"name": Path(leak).name, "sha256": sha, "bytes": size}, "master": m.name,
             "verdict": result.verdict, "accused": accused, "trace_entry": entry["hash"],
-            "max_false_positive": max_false_positive, "result": _public(result), "files": files})
+            "max_false_positive": max_false_positive, "result": _public(result), "files": files,
+            "sealed_to": seal_to.hex() if seal_to else None})
         write_document(tmp / BUNDLE, manifest)
         (tmp / "bundle.tsq").write_bytes(timestamp.request(canonical(manifest) + b"\n"))
     reg.log_event("reveal", m.name, leak_sha256=sha, bundle=document_hash(manifest), accused=accused)
     return manifest
 
 
-def _write_reveal(reg: Registry, m, accused: list[int], folder: Path) -> None:
+def _write_reveal(reg: Registry, m, accused: list[int], folder: Path, seal_to: bytes | None) -> None:
     """What re-running the extraction needs: the master's key (with its commitment's nonce), its
     configuration, the issued IDs (the bound counts them), its carriers and their stored metric."""
     names = sorted({n for s, cfg in m.config.schemes.items() for n in schemes.get(s).revealed(m, cfg)})
@@ -143,10 +146,11 @@ def _write_reveal(reg: Registry, m, accused: list[int], folder: Path) -> None:
               "config": m.config.to_json(), "weights_sha256": m.weights_sha256,
               "issued_ids": [int(i) for i in reg.issued_ids(m.name)],
               "codeword_nonces": {str(i): reg.codeword_nonce(m.name, i).hex() for i in accused}}
-    path = folder / "reveal.json"
+    data = json.dumps(reveal, sort_keys=True).encode()
+    path = folder / (REVEAL if seal_to is None else SEALED)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the key: 0600 like every key file
-    with os.fdopen(fd, "w") as fh:
-        json.dump(reveal, fh, sort_keys=True)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data if seal_to is None else seal.seal(seal_to, data))
 
 
 def _public(result: TraceResult) -> dict:

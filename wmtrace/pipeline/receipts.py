@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..coding import keys
 from ..errors import BadInput
-from ..evidence import statement
+from ..evidence import seal, statement
 from ..evidence.signing import PublicKey, SigningKey
 from ..registry import Registry
 from .evidence import leak_sha256, write_document
@@ -103,3 +103,28 @@ def record(reg: Registry, ack_path: str | os.PathLike) -> dict:
     r = reg.record_ack(ack)
     return {"buyer": r["leaf"]["name"], "id": r["leaf"]["id"], "master": r["leaf"]["master"],
             "key": PublicKey(bytes.fromhex(ack["buyer_public_key"])).fingerprint}
+
+
+def new_arbiter_key(path: str | os.PathLike) -> str:
+    """An arbiter's X25519 key: the private half in `path` (0600, never overwritten), the public half in
+    `path`.pub (64 hex digits) for the seller's `evidence --seal-to`."""
+    private, public = seal.new_key()
+    keys.write(path, private)
+    Path(f"{path}.pub").write_text(public.hex() + "\n")
+    return public.hex()
+
+
+def read_arbiter_public(path: str | os.PathLike) -> bytes:
+    try:
+        raw = bytes.fromhex(Path(path).read_text().strip())
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read ({e.strerror})") from e
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise BadInput(f"{path}: not an arbiter's public key (64 hex digits, from 'wmtrace keys arbiter')")
+    return raw
+
+
+def read_arbiter_private(path: str | os.PathLike) -> bytes:
+    return keys.read(path)  # 0600 enforced, 32 bytes

@@ -15,17 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from .. import formats, modelio
 from ..coding import codes
 from ..errors import BadInput
-from ..evidence import chain, commit, merkle, statement
+from ..evidence import chain, commit, merkle, seal, statement
 from ..evidence.signing import PublicKey, document_hash
-from ..registry import Buyer, Master, MasterConfig
-from .evidence import BUNDLE, FORMAT, leak_sha256
+from ..registry import MasterConfig
+from .evidence import BUNDLE, FORMAT, REVEAL, SEALED, leak_sha256
+from .revealed import Revealed
 from .trace import trace_tensors
 
+SEALED_NOTE = "not checked: what reveals the key is sealed for arbiter"
 MAX_JSON = 512 << 20  # a bundle's JSON files are read whole: a larger one is refused, not parsed
 
 
@@ -48,11 +49,19 @@ class Verification:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
     @property
+    def verdict(self) -> str:
+        """verified; incomplete (every check run passed, those needing a sealed key were not run); rejected."""
+        if self.ok:
+            return "verified"
+        sealed = all(c.detail.startswith(SEALED_NOTE) for c in self.checks if not c.ok)
+        return "incomplete" if sealed else "rejected"
+
+    @property
     def failed(self) -> list[str]:
         return [c.name for c in self.checks if not c.ok]
 
     def to_dict(self) -> dict:
-        return {"verdict": "verified" if self.ok else "rejected", "bundle": self.bundle, "leak": self.leak,
+        return {"verdict": self.verdict, "bundle": self.bundle, "leak": self.leak,
                 "accused": self.accused, "failed": self.failed, "checks": [asdict(c) for c in self.checks]}
 
 
@@ -60,18 +69,22 @@ class Rejected(Exception):
     """A check's failure, in words."""
 
 
-def verify(bundle: str | os.PathLike, leak: str | os.PathLike, public_key: PublicKey) -> Verification:
+def verify(bundle: str | os.PathLike, leak: str | os.PathLike, public_key: PublicKey,
+           arbiter_key: bytes | None = None) -> Verification:
     """Every check of `bundle` for `leak` against the seller's `public_key`, in order; a check that cannot
-    run (an earlier one left nothing to check) fails with the reason."""
+    run (an earlier one left nothing to check) fails with the reason. A bundle sealed for an arbiter
+    (`evidence --seal-to`) needs that arbiter's X25519 private key (`arbiter_key`) for the checks that use
+    the revealed key; without it they are listed as not checked and the verdict is "incomplete"."""
     if not Path(bundle).is_dir():
         raise BadInput(f"{bundle}: no such bundle folder (written by 'wmtrace evidence')")
     if not Path(leak).exists():
         raise BadInput(f"{leak}: no such leaked file")
-    b = _Bundle(Path(bundle), Path(leak), public_key)
+    b = _Bundle(Path(bundle), Path(leak), public_key, arbiter_key)
     v = Verification(str(bundle), str(leak))
     for name, step in b.steps():
         if name == "re-extraction" and v.failed:
-            v.checks.append(Check(name, False, f"not run: {v.failed[0]} failed"))
+            why = f"{SEALED_NOTE}: it needs the key" if v.verdict == "incomplete" else f"not run: {v.failed[0]} failed"
+            v.checks.append(Check(name, False, why))
             continue
         try:
             detail = step()
@@ -90,8 +103,8 @@ def _require(ok: bool, why: str) -> None:
 
 
 class _Bundle:
-    def __init__(self, root: Path, leak: Path, public: PublicKey):
-        self.root, self.leak, self.public = root, leak, public
+    def __init__(self, root: Path, leak: Path, public: PublicKey, arbiter: bytes | None = None):
+        self.root, self.leak, self.public, self.arbiter = root, leak, public, arbiter
         self._cache: dict[str, object] = {}
 
     def steps(self) -> Iterator[tuple[str, Callable[[], str]]]:
@@ -142,7 +155,18 @@ class _Bundle:
 
     @property
     def reveal(self) -> dict:
-        return self.json("reveal.json")
+        sealed_to = self.manifest.get("sealed_to")
+        if not sealed_to:
+            return self.json(REVEAL)
+        if "reveal" not in self._cache:
+            _require(self.arbiter is not None, f"{SEALED_NOTE} {sealed_to[:16]}: "
+                     "pass the arbiter's key (--arbiter-key)")
+            _require(seal.public_of(self.arbiter) == bytes.fromhex(sealed_to), "the bundle is sealed for another "
+                     "arbiter key than the one given")
+            p = self.path(SEALED)
+            _require(p.is_file() and p.stat().st_size <= MAX_JSON, f"{SEALED} is missing")
+            self._cache["reveal"] = json.loads(seal.unseal(self.arbiter, p.read_bytes()))
+        return self._cache["reveal"]
 
     @property
     def key(self) -> bytes:
@@ -161,8 +185,8 @@ class _Bundle:
     def files(self) -> str:
         files = self.manifest.get("files")
         _require(isinstance(files, dict) and files, f"{BUNDLE} lists no files")
-        needed = {"reveal.json", "audit.json", "seller.pub", "carriers.safetensors",
-                  *(f"receipts/{i}.json" for i in self.accused)}
+        needed = {SEALED if self.manifest.get("sealed_to") else REVEAL, "audit.json", "seller.pub",
+                  "carriers.safetensors", *(f"receipts/{i}.json" for i in self.accused)}
         missing = sorted(needed - set(files))
         _require(not missing, f"{BUNDLE} does not list {missing[0] if missing else ''}")
         for rel, digest in files.items():
@@ -304,7 +328,9 @@ class _Bundle:
     def reextract(self) -> str:
         m = self.manifest
         with tempfile.TemporaryDirectory(prefix="wmtrace-verify-") as cache:
-            revealed = _Revealed(self, Path(cache))
+            stored = self.path("stored.safetensors")
+            revealed = Revealed(self.reveal, self.key, {i: self.receipt(i)["leaf"]["name"] for i in self.accused},
+                                self.path("carriers.safetensors"), stored if stored.exists() else None, Path(cache))
             result = trace_tensors(formats.open_tensors(self.leak), revealed, str(self.leak), m["master"],
                                    float(m["max_false_positive"]))
         named = [result.buyer["id"]] if result.buyer else [c["id"] for c in result.colluders]
@@ -313,39 +339,3 @@ class _Bundle:
         return (f"{result.verdict}: buyer(s) {named} named again from the revealed key, false-accusation bound "
                 f"{result.false_positive_probability:.2g} (at most {m['max_false_positive']:g} asked)")
 
-
-class _Revealed:
-    """The part of a registry `trace_tensors` reads, from a bundle: one master, its key and carriers, the
-    issued IDs (the bound counts them) and the accused buyers' names."""
-
-    def __init__(self, b: _Bundle, cache: Path):
-        r = b.reveal
-        self.location, self._key, self._cache = f"bundle {b.root}", b.key, cache
-        self._ids = np.array(sorted(int(i) for i in r["issued_ids"]), dtype=np.int64)
-        self._names = {i: b.receipt(i)["leaf"]["name"] for i in b.accused}
-        stored = b.path("stored.safetensors")
-        self._stored = {k: v.astype(np.float64) for k, v in load_file(str(stored)).items()} if stored.exists() else {}
-        self._master = Master(r["master"], b.path("carriers.safetensors"), r["weights_sha256"], "", None,
-                              MasterConfig.from_json(r["config"], r["master"]), "", None)
-
-    def masters(self) -> list[Master]:
-        return [self._master]
-
-    def master(self, name: str | None = None) -> Master:
-        _require(name in (None, self._master.name), f"the bundle reveals master {self._master.name!r}, not {name!r}")
-        return self._master
-
-    def key(self, master: str) -> bytes:
-        return self._key
-
-    def stored(self, m: Master) -> dict[str, np.ndarray]:
-        return self._stored
-
-    def issued_ids(self, master: str) -> np.ndarray:
-        return self._ids
-
-    def buyer(self, master: str, buyer_id: int) -> Buyer | None:
-        return Buyer(master, buyer_id, self._names.get(buyer_id, f"buyer {buyer_id}"), "issued")
-
-    def cache_path(self, name: str) -> Path:
-        return self._cache / name
