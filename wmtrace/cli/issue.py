@@ -86,13 +86,16 @@ def issue(
         err.print(f"{len(skipped)} of the names were issued before and are skipped")
     rows = [
         {"id": b.id, "name": b.name, "file": b.file, "sha256": b.sha256, "store": b.store, "agreement": b.agreement,
-         "accuracy": b.accuracy, "cosine": b.cosine}
+         "accuracy": b.accuracy, "cosine": b.cosine, "receipt": b.extra.get("receipt")}
         for b in issued
     ]
     if as_json:
         emit({"buyers": rows, "skipped": skipped})
         return
     out.print(_table(rows))
+    if any(r["receipt"] for r in rows):
+        out.print("each copy's receipt (BUYER.receipt.json: the signed statement and its Merkle proof) is beside it; "
+                  "the statement-N.json of this run can be published or timestamped (statement-N.tsq)")
 
 
 def _table(rows: list[dict]) -> Table:
