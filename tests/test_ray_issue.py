@@ -129,8 +129,9 @@ def check_all_issued_once(reg, out: Path, first: int, count: int) -> list:
     assert all(b.status == "issued" for b in buyers)
     assert len({b.name for b in buyers}) == len(buyers)
     ours = buyers[first - 1:]
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == \
         sorted(f"{b.name}.safetensors" for b in ours)
+    assert all((out / f"{b.name}.receipt.json").is_file() for b in ours)  # the driver's statement covers them
     issued = Counter(e["detail"]["id"] for e in reg.audit_log(limit=1000) if e["action"] == "issue")
     for b in ours:
         assert issued[b.id] == 1, f"buyer {b.id} completed {issued[b.id]} times"
