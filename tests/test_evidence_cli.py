@@ -216,3 +216,21 @@ def test_public_key_export_is_the_sellers_ed25519_key_and_never_its_seed(workdir
     assert shown.exit_code == 0
     assert_no_secret(seed, r, written, shown)
     assert seed not in (tmp_path / "seller.pem").read_text().lower()
+
+
+def test_revoke_is_a_signed_entry_and_the_revoked_buyer_is_still_named(workdir):
+    """A revocation ends a licence, not the buyer's responsibility for the copy they were sold."""
+    reg = workdir / "registry"
+    r = run("revoke", "buyer-0001", "--reason", "refund", "--json", registry=reg)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["id"] == 1
+    one_line_error(run("revoke", "1", "--reason", "again", registry=reg))      # already revoked
+    one_line_error(run("revoke", "buyer-9999", "--reason", "x", registry=reg))  # no such buyer
+    one_line_error(run("revoke", "buyer-0002", "--reason", " ", registry=reg))  # no reason
+    traced = json.loads(run("trace", workdir / "out" / "buyer-0001.safetensors", "--json", registry=reg).stdout)
+    assert traced["buyer"]["id"] == 1 and traced["buyer"]["revoked"]["reason"] == "refund"
+    rows = {b["id"]: b["revoked"] for b in json.loads(run("buyers", "--json", registry=reg).stdout)["buyers"]}
+    assert rows[1]["reason"] == "refund" and rows[2] is None and rows[3] is None
+    with api.open_registry(reg) as opened:
+        assert opened.verify_chain()["ok"]
+        assert [e["action"] for e in opened.audit_chain()].count("revoke") == 1

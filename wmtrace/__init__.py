@@ -31,6 +31,7 @@ from .api import (
     query,
     record_receipt,
     restore,
+    revoke,
     sign_receipt,
     trace,
     verify,
@@ -55,5 +56,5 @@ __all__ = [
     "backup", "collude", "ensure_example", "evidence", "export_public_key", "export_receipt", "init", "issue",
     "list_buyers", "materialize", "materialize_stream",
     "migrate_registry", "new_arbiter_key", "open_registry",
-    "open_target", "query", "record_receipt", "restore", "sign_receipt", "trace", "verify",
+    "open_target", "query", "record_receipt", "restore", "revoke", "sign_receipt", "trace", "verify",
 ]

@@ -46,7 +46,8 @@ __all__ = [
     "collude", "demo", "ensure_example", "evidence", "export_public_key", "export_receipt", "init", "issue",
     "new_arbiter_key",
     "list_buyers", "materialize", "materialize_stream",
-    "migrate_registry", "open_registry", "open_target", "query", "record_receipt", "restore", "sign_receipt", "trace",
+    "migrate_registry", "open_registry", "open_target", "query", "record_receipt", "restore", "revoke",
+    "sign_receipt", "trace",
     "verify",
 ]
 
@@ -101,6 +102,11 @@ def sign_receipt(receipt: str | os.PathLike, key: str | os.PathLike, out: str | 
                  copy: str | os.PathLike | None = None, seller_key: str | os.PathLike | None = None) -> dict:
     """The buyer's side: check a receipt (and the copy) and sign it with the buyer's key file."""
     return receipts.sign(receipt, key, out, copy, seller_key)
+
+
+def revoke(reg: RegistryBackend, buyer: str | int, reason: str, master: str | None = None) -> dict:
+    """End a buyer's licence, in a signed audit entry; `trace` still names them for the copy they hold."""
+    return receipts.revoke(reg, buyer, reason, master)
 
 
 def record_receipt(reg: RegistryBackend, ack: str | os.PathLike) -> dict:

@@ -21,6 +21,7 @@ from . import (
     query,
     receipt,
     registry,
+    revoke,
     serve,
     trace,
 )
@@ -41,6 +42,7 @@ app.command("buyers")(buyers.buyers)
 app.command()(materialize.materialize)
 app.command()(demo.demo)
 app.command()(serve.serve)
+app.command()(revoke.revoke)
 app.command()(evidence.evidence)
 app.command()(evidence.verify)
 app.add_typer(attack.app, name="attack")

@@ -9,6 +9,7 @@ import typer
 from rich.text import Text
 
 from .. import api
+from ..evidence.statement import date
 from .common import JsonOpt, MasterOpt, MaxFpOpt, RegistryOpt, emit, guarded, out
 
 
@@ -47,6 +48,9 @@ def print_trace(r) -> None:
             ))
     elif r.buyer:
         out.print(Text.assemble("  buyer: ", (r.buyer["name"], "bold"), f" (id {r.buyer['id']})"))
+        if r.buyer.get("revoked"):
+            out.print(f"  revoked on {date(r.buyer['revoked']['at'])} ({r.buyer['revoked']['reason']}): still the "
+                      "buyer this copy was sold to")
         if r.bit_errors is not None:
             out.print(
                 f"  evidence: {r.bit_errors} of {r.bits - r.bits_missing} bits flipped, {r.bits_missing} missing; "

@@ -18,6 +18,7 @@ from ..evidence import seal, statement
 from ..evidence.signing import PublicKey, SigningKey
 from ..registry import Registry
 from .evidence import leak_sha256, write_document
+from .patches import find_buyer
 
 MAX_RECEIPT = 64 << 20  # a receipt holds one statement and one proof: kilobytes
 
@@ -84,17 +85,23 @@ def sign(receipt_path: str | os.PathLike, key_path: str | os.PathLike, out: str 
 
 def export(reg: Registry, buyer: str | int, out: str | os.PathLike, master: str | None = None) -> dict:
     """Write a buyer's receipt (making the statement first if their run stopped before it)."""
-    m = reg.master(master)
-    found = [b for b in reg.buyers(m.name) if str(b.id) == str(buyer) or b.name == str(buyer)]
-    if not found:
-        raise BadInput(f"no issued buyer {buyer!r} of master {m.name!r}")
-    b = found[0]
-    r = reg.receipts(m.name, [b.id]).get(b.id)
+    b = find_buyer(reg, buyer, master)
+    r = reg.receipts(b.master, [b.id]).get(b.id)
     if r is None:
-        reg.make_statement(m.name)
-        r = reg.receipts(m.name, [b.id])[b.id]
+        reg.make_statement(b.master)
+        r = reg.receipts(b.master, [b.id])[b.id]
     write_document(Path(out), r)
-    return {"receipt": str(out), "buyer": b.name, "id": b.id, "master": m.name, "statement": r["statement"]["number"]}
+    return {"receipt": str(out), "buyer": b.name, "id": b.id, "master": b.master, "statement": r["statement"]["number"]}
+
+
+def revoke(reg: Registry, buyer: str | int, reason: str, master: str | None = None) -> dict:
+    """End a buyer's licence in a signed entry (`Ledger.revoke`); their copy still traces to them."""
+    if not reason.strip():
+        raise BadInput("give the reason for the revocation (it goes into the signed log)")
+    b = find_buyer(reg, buyer, master)
+    entry = reg.revoke(b.master, b.id, reason.strip())
+    return {"buyer": b.name, "id": b.id, "master": b.master, "reason": reason.strip(), "at": entry["at"],
+            "entry": entry["hash"]}
 
 
 def record(reg: Registry, ack_path: str | os.PathLike) -> dict:

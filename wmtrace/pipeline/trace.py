@@ -244,4 +244,8 @@ def trace(
     result = trace_tensors(tensors, registry, str(path), master, max_false_positive)
     buyer = result.buyer["id"] if result.buyer else None
     registry.log_trace(str(path), result.verdict, result.master, buyer, [c["id"] for c in result.colluders])
+    if result.master is not None and (revoked := registry.revocations(result.master)):
+        for named in ([result.buyer] if result.buyer else []) + result.colluders:
+            if named["id"] in revoked:
+                named["revoked"] = revoked[named["id"]]  # still accountable for the copy they were sold
     return result

@@ -262,6 +262,24 @@ class Ledger:
         r = self._rows(self._sql("SELECT ack FROM buyers WHERE master = ? AND id = ?"), (master, buyer_id))
         return json.loads(r[0]["ack"]) if r and r[0]["ack"] else None
 
+    def revoke(self, master: str, buyer_id: int, reason: str) -> dict:
+        """Record, in a signed entry, that a buyer's licence ends now (a refund, a breach). The copy stays
+        theirs to account for: `trace` still names them, and says since when they were revoked."""
+        b = self._rows(self._sql("SELECT name FROM buyers WHERE master = ? AND id = ? AND status = 'issued'"),
+                       (master, buyer_id))
+        if not b:
+            raise BadInput(f"no issued buyer {buyer_id} of master {master!r}")
+        if buyer_id in self.revocations(master):
+            raise BadInput(f"buyer {b[0]['name']} (id {buyer_id}) of master {master!r} is already revoked")
+        return self.log_event("revoke", master, id=buyer_id, name=b[0]["name"], reason=reason)
+
+    def revocations(self, master: str) -> dict[int, dict]:
+        """Revoked buyers of a master, by ID: when and why (read from the signed log, their one record)."""
+        rows = self._rows(self._sql("SELECT at, detail FROM audit WHERE action = 'revoke' AND master = ? "
+                                    "AND hash IS NOT NULL ORDER BY seq"), (master,))
+        return {d["id"]: {"at": r["at"], "reason": d.get("reason", "")} for r in rows
+                if isinstance(d := _detail(r["detail"]), dict) and "id" in d}
+
     def revealed(self, master: str) -> dict | None:
         """The last time an evidence bundle revealed the master's key (its "reveal" entry), or None."""
         r = self._rows(self._sql("SELECT seq, at, detail FROM audit WHERE action = 'reveal' AND master = ? "
