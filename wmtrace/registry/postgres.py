@@ -72,6 +72,8 @@ MIGRATIONS: list[str] = [
         id INTEGER PRIMARY KEY CHECK (id = 1), public TEXT NOT NULL, nonce BYTEA NOT NULL, sealed BYTEA NOT NULL,
         kek_fingerprint TEXT NOT NULL, created DOUBLE PRECISION NOT NULL);
     """,
+    # 4: revocations and reveals found without reading the whole log (every trace and issue asks).
+    "CREATE INDEX audit_action ON audit (action, master)",
 ]
 MASTER_COLUMNS = "name, weights, weights_sha256, factory, data, config, key_fingerprint, accuracy, created"
 

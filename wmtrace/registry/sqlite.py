@@ -67,7 +67,6 @@ CREATE TABLE IF NOT EXISTS buyers (
     PRIMARY KEY (master, id),
     UNIQUE (master, name)
 );
-CREATE INDEX IF NOT EXISTS buyers_issued ON buyers (master, status, id);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -77,6 +76,9 @@ CREATE TABLE IF NOT EXISTS audit (
     prev TEXT, hash TEXT, sig TEXT
 );
 """ + STATEMENTS
+# Issued IDs read from the index alone (`issued_ids`); revocations and reveals without reading the whole log.
+INDEXES = ("CREATE INDEX IF NOT EXISTS buyers_issued ON buyers (master, status, id)",
+           "CREATE INDEX IF NOT EXISTS audit_action ON audit (action, master)")
 
 
 class Registry(Ledger, Files):
@@ -154,7 +156,7 @@ class Registry(Ledger, Files):
         for table, columns in ADDED.items():
             have = {r["name"] for r in self.conn.execute(f"PRAGMA table_info({table})")}
             added += [f"ALTER TABLE {table} ADD COLUMN {col}" for col in columns if col.split()[0] not in have]
-        for sql in [*added, STATEMENTS, "CREATE INDEX IF NOT EXISTS buyers_issued ON buyers (master, status, id)"]:
+        for sql in [*added, STATEMENTS, *INDEXES]:
             try:
                 self.conn.execute(sql)
             except sqlite3.OperationalError:  # added by a process opening it at the same time, or read-only
