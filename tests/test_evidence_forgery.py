@@ -313,3 +313,22 @@ def test_a_bundle_sealed_to_an_arbiter_reveals_the_key_to_that_arbiter_alone(hon
     _resign(bundle, seller)
     altered = api.verify(bundle, leak, pem, tmp_path / "arbiter.key")
     assert "key commitment" in altered.failed and "authentication failed" in altered.checks[7].detail
+
+
+def test_a_bundle_for_merged_copies_names_the_colluders_and_verifies(crowd, tmp_path):
+    """Several customers accused at once: each gets their receipt in the bundle, and the arbiter's re-run
+    names the same set."""
+    src, buyers = crowd
+    root = tmp_path / "crowd"
+    shutil.copytree(src, root, symlinks=True)
+    copies = [b.file.replace(str(src), str(root)) for b in buyers[:3]]
+    merged = tmp_path / "merged.safetensors"
+    api.collude(copies, "average", merged)
+    with api.open_registry(root / "registry") as reg:
+        manifest = api.evidence(reg, merged, tmp_path / "bundle")
+        (tmp_path / "seller.pem").write_text(reg.public_key().pem())
+    assert manifest["verdict"] == "colluders" and set(manifest["accused"]) <= {b.id for b in buyers[:3]}
+    assert manifest["accused"]
+    v = api.verify(tmp_path / "bundle", merged, tmp_path / "seller.pem")
+    assert v.ok, v.to_dict()
+    assert sorted(a["id"] for a in v.accused) == sorted(manifest["accused"])
