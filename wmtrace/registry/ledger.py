@@ -52,6 +52,11 @@ class Ledger:
     def _save_seller(self, seed: bytes) -> None:
         raise NotImplementedError
 
+    def _now(self, c) -> float:
+        """An entry's time: this host's clock; a shared database's backend gives the server's, so that hosts
+        with skewed clocks still date one registry's entries and statements in order."""
+        return time.time()
+
     def _sql(self, sql: str) -> str:
         return sql.replace("?", self.MARK)
 
@@ -93,7 +98,7 @@ class Ledger:
             return self.audit(c, action, master, **detail)
 
     def _append(self, c, prev: str, action: str, master: str | None, detail: dict) -> dict:
-        at = time.time()
+        at = self._now(c)
         h, sig = chain.seal(self.seller_key(), prev, at, action, master, detail)
         c.execute(self._sql("INSERT INTO audit (at, action, master, detail, prev, hash, sig) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?)"),
@@ -190,7 +195,7 @@ class Ledger:
         last = c.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         head = {"seq": last["seq"], "hash": last["hash"]}
         number = c.execute("SELECT COALESCE(MAX(number), 0) + 1 AS n FROM statements").fetchone()["n"]
-        doc, _ = statement.build(self.seller_key(), self._commitment(c, master), leaves, number, head)
+        doc, _ = statement.build(self.seller_key(), self._commitment(c, master), leaves, number, head, self._now(c))
         c.execute(self._sql("INSERT INTO statements (number, master, at, root, buyers, body) "
                             "VALUES (?, ?, ?, ?, ?, ?)"),
                   (number, master, doc["at"], doc["root"], doc["buyers"], json.dumps(doc, sort_keys=True)))

@@ -169,6 +169,9 @@ class Registry(Ledger, Paths):
     def _write(self):
         return self._tx()
 
+    def _now(self, c: psycopg.Connection) -> float:
+        return c.execute(f"SELECT {NOW} AS now").fetchone()["now"]
+
     def _chain_lock(self, c: psycopg.Connection) -> None:
         """Held to the end of the transaction: two hosts appending at once take turns, so each links to
         the other's entry rather than both to the same one (a fork)."""
