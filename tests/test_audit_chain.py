@@ -256,3 +256,20 @@ def test_two_processes_starting_a_new_registry_at_once_share_one_seller_key_and_
         v = reg.verify_chain()
         entries = reg.audit_chain()
     assert v["ok"] and [e["action"] for e in entries].count(chain.START) == 1 and len(entries) == 21
+
+
+def test_a_log_cut_at_its_end_is_shown_by_the_statement_published_from_it(workdir):
+    """Deleting the last entries leaves a chain that verifies on its own; the statement issue wrote (and a
+    seller would have published) pinned a head that is no longer there."""
+    root = workdir / "registry"
+    published = workdir / "out" / "statement-1.json"
+    with api.open_registry(root) as reg:
+        api.trace(workdir / "out" / "buyer-0001.safetensors", reg)  # one more entry after the statement
+        assert api.verify_audit(reg, [published])["ok"]
+    with _db(root) as db:
+        (seq,) = db.execute("SELECT seq FROM audit WHERE action = 'statement' ORDER BY seq LIMIT 1").fetchone()
+        db.execute("DELETE FROM audit WHERE seq >= ?", (seq,))
+    with api.open_registry(root) as reg:
+        assert reg.verify_chain()["ok"]  # the chain alone cannot see a cut at its end
+        info = api.verify_audit(reg, [published])
+    assert not info["ok"] and any("statement 1: not in the log" in p for p in info["problems"])

@@ -35,6 +35,7 @@ from .api import (
     sign_receipt,
     trace,
     verify,
+    verify_audit,
 )
 from .errors import (
     BadArgument,
@@ -56,5 +57,5 @@ __all__ = [
     "backup", "collude", "ensure_example", "evidence", "export_public_key", "export_receipt", "init", "issue",
     "list_buyers", "materialize", "materialize_stream",
     "migrate_registry", "new_arbiter_key", "open_registry",
-    "open_target", "query", "record_receipt", "restore", "revoke", "sign_receipt", "trace", "verify",
+    "open_target", "query", "record_receipt", "restore", "revoke", "sign_receipt", "trace", "verify", "verify_audit",
 ]

@@ -47,7 +47,7 @@ __all__ = [
     "new_arbiter_key",
     "list_buyers", "materialize", "materialize_stream",
     "migrate_registry", "open_registry", "open_target", "query", "record_receipt", "restore", "revoke",
-    "sign_receipt", "trace",
+    "sign_receipt", "trace", "verify_audit",
     "verify",
 ]
 
@@ -82,6 +82,12 @@ def verify(bundle: str | os.PathLike, leak: str | os.PathLike, public_key: str |
     `arbiter_key`: the arbiter's private key file, for a bundle sealed to them."""
     private = receipts.read_arbiter_private(arbiter_key) if arbiter_key is not None else None
     return verify_mod.verify(bundle, leak, receipts.read_public_key(public_key), private)
+
+
+def verify_audit(reg: RegistryBackend, statements: list[str | os.PathLike] = ()) -> dict:
+    """The registry's signed log checked entry by entry, and against statements published from it (files):
+    their pinned heads show a log cut at its end, which the chain alone cannot."""
+    return reg.verify_chain([receipts.read_document(p, "wmtrace statement") for p in statements])
 
 
 def new_arbiter_key(path: str | os.PathLike) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,16 +13,22 @@ from .. import api
 from ..evidence.statement import date
 from .common import JsonOpt, RegistryOpt, emit, group, guarded, out, print_table
 
-app = group("The registry's audit log: every init, issue, trace, query and reveal, hash-chained and signed.")
+app = group("The registry's audit log: every init, issue, trace, query, revoke and reveal, hash-chained and signed.")
 
 
 @app.command("verify")
 @guarded
-def audit_verify(registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+def audit_verify(
+    statements: Annotated[list[Path] | None, typer.Option(
+        "--statement", help="A statement published from this registry (statement-N.json; repeat): the log must "
+        "still hold the head it pinned (shows a log cut at its end)")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Check every entry's hash, link and signature: name any edited, removed or reordered entry.
     Exit 0: intact; 1: not."""
     with api.open_registry(registry) as reg:
-        info = reg.verify_chain()
+        info = api.verify_audit(reg, statements or [])
     if as_json:
         emit(info)
         raise typer.Exit(0 if info["ok"] else 1)

@@ -93,3 +93,25 @@ def check_ack(ack: dict, r: dict, buyer_public: PublicKey | None = None) -> list
     if ack.get("receipt") != document_hash(r) or ack.get("leaf") != r.get("leaf"):
         problems.append("it acknowledges another receipt")
     return problems
+
+
+def check_pinned(doc: dict, entries: list[dict], public: PublicKey) -> list[str]:
+    """What is wrong with a log (`entries`, in order) against a statement published from it: the statement
+    must be the seller's, be recorded in the log, and the entry it pinned as the head must still be there,
+    unchanged. This is what shows a log cut at its end, which the chain alone cannot."""
+    if not isinstance(doc, dict) or doc.get("type") != STATEMENT:
+        return ["not a wmtrace statement"]
+    n = doc.get("number")
+    if not public.verify_document(doc):
+        return [f"statement {n}: its signature is not the seller's"]
+    problems = []
+    head = doc.get("chain_head") or {}
+    pinned = next((e for e in entries if e.get("seq") == head.get("seq")), None)
+    if pinned is None:
+        problems.append(f"statement {n}: the entry it pinned ({head.get('seq')}) is gone: the log was cut")
+    elif pinned.get("hash") != head.get("hash"):
+        problems.append(f"statement {n}: entry {head.get('seq')} is not the one it pinned: the log was rewritten")
+    if not any(e.get("action") == "statement" and (e.get("detail") or {}).get("sha256") == document_hash(doc)
+               for e in entries if isinstance(e.get("detail"), dict)):
+        problems.append(f"statement {n}: not in the log: the log was cut after it, or it is not from this log")
+    return problems

@@ -157,8 +157,9 @@ class Ledger:
                  "detail": _detail(r["detail"]), "prev": r["prev"], "hash": r["hash"], "sig": r["sig"]}
                 for r in rows]
 
-    def verify_chain(self) -> dict:
-        """The whole log checked against the seller's key: every problem by entry (`wmtrace audit verify`)."""
+    def verify_chain(self, published: list[dict] = ()) -> dict:
+        """The whole log checked against the seller's key: every problem by entry (`wmtrace audit verify`);
+        and against statements `published` from it (their pinned heads: a log cut at its end shows here)."""
         entries = self.audit_chain()
         earlier = next((k for k, e in enumerate(entries) if e["hash"] is not None), len(entries))
         signed = entries[earlier:]
@@ -173,6 +174,7 @@ class Ledger:
             if start.get("earlier_entries") != earlier or start.get("earlier_sha256") != got:
                 problems.insert(0, chain.Problem(signed[0]["seq"], f"the {earlier} unsigned entries before the "
                                                  "chain differ from those it committed to"))
+        problems += [p for doc in published for p in statement.check_pinned(doc, signed, self.public_key())]
         head = self._rows("SELECT MAX(number) AS n FROM statements")
         return {"entries": len(entries), "signed": len(signed), "unsigned_before_chain": earlier,
                 "head": signed[-1]["hash"], "seller": self.public_key().fingerprint,
