@@ -13,7 +13,7 @@ from rich.text import Text
 
 from .. import api
 from ..schemes.whitebox import Config
-from .common import JsonOpt, RegistryOpt, emit, err, fail, guarded, out
+from .common import JsonOpt, RegistryOpt, emit, err, fail, guarded, out, print_table
 
 
 # Over 60 lines only because each of init's seventeen options is declared in its signature (Typer's way).
@@ -112,7 +112,7 @@ def init(
         out.print(f"  black-box: {bb['queries']} boundary queries, head {bb['head']}, margin {bb['margin']:g}, "
                   f"tilt {bb['tilt']:g}")
     if info["calibration"]:
-        out.print(_calibration_table(info["calibration"], m.config.output))
+        print_table(_calibration_table(info["calibration"], m.config.output))
     if m.accuracy is not None:
         out.print(f"  test accuracy {m.accuracy:.2%}")
 

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .. import api
-from .common import JsonOpt, MasterOpt, RegistryOpt, emit, err, fail, guarded, out, pct
+from .common import JsonOpt, MasterOpt, RegistryOpt, emit, err, fail, guarded, out, pct, print_table
 
 
 def _read_names(path: Path) -> list[str]:
@@ -92,7 +92,7 @@ def issue(
     if as_json:
         emit({"buyers": rows, "skipped": skipped})
         return
-    out.print(_table(rows))
+    print_table(_table(rows))
     if any(r["receipt"] for r in rows):
         out.print("each copy's receipt (BUYER.receipt.json: the signed statement and its Merkle proof) is beside it; "
                   "the statement-N.json of this run can be published or timestamped (statement-N.tsq)")
