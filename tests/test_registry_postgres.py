@@ -355,7 +355,9 @@ def test_concurrent_issuing_processes_and_a_killed_one(pg_url, kek, tmp_path, ma
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     assert [code for code, _ in results] == [-signal.SIGKILL, 0, 0, 0], results
     with registry.open(pg_url) as reg:
-        assert len(reg.buyers()) == 15 and len(reg.buyers(status="reserved")) == 5
+        # The killed run's 5 IDs wait for the next run; or, on a loaded machine, a run that reached `reserve`
+        # over a lease after the kill has taken them over already (as it should): nothing reserved is left.
+        assert len(reg.buyers()) == 15 and len(reg.buyers(status="reserved")) in (0, 5)
     time.sleep(3.5)
     r = wmtrace(*issue, "--out", tmp_path / "o4", registry=pg_url, env=env)
     assert r.returncode == 0, r.stderr
