@@ -26,7 +26,8 @@ def evidence(
     as_json: JsonOpt = False,
 ) -> None:
     """Trace LEAK and write the evidence bundle anyone can check with 'wmtrace verify' and the seller's
-    public key. It reveals that master's key to whoever holds the bundle (README: Threat model)."""
+    public key. It reveals that master's key to whoever holds the bundle, or with --seal-to to one arbiter
+    alone (README: Evidence a third party can check)."""
     with api.open_registry(registry) as reg:
         manifest = api.evidence(reg, leak, dest, master, max_fp, seal_to)
     if as_json:
@@ -54,7 +55,8 @@ def verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Check an evidence bundle with no registry: signatures, Merkle proofs, commitments, the audit chain,
-    and the extraction re-run from what the bundle reveals. Exit 0: verified; 1: rejected."""
+    and the extraction re-run from what the bundle reveals. Exit 0: verified; 1: rejected, or incomplete (a
+    bundle sealed to an arbiter, checked without --arbiter-key)."""
     v = api.verify(bundle, leak, public_key, arbiter_key)
     if as_json:
         emit(v.to_dict())

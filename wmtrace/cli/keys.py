@@ -10,7 +10,8 @@ import typer
 from .. import api
 from .common import RegistryOpt, group, guarded, out
 
-app = group("The seller's signing key (one per registry): only its public half ever leaves the registry.")
+app = group("Keys of the evidence: the seller's public key (export-public; the private half never leaves the "
+            "registry) and an arbiter's key pair (arbiter).")
 
 
 @app.command("export-public")
