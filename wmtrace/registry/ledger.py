@@ -220,15 +220,11 @@ class Ledger:
         """Each buyer's receipt (statement, leaf, Merkle proof), rebuilt from the statement's buyers; a
         buyer not in a statement yet has none (`make_statement` first)."""
         numbers: dict[int, list[int]] = {}
-        if len(ids) <= 16:
-            rows = [r for i in ids for r in self._rows(self._sql(
-                "SELECT id, statement FROM buyers WHERE master = ? AND id = ? AND statement IS NOT NULL"), (master, i))]
-        else:  # a whole issuing run's buyers: one read, not a round trip each
-            wanted = set(ids)
-            rows = [r for r in self._rows(self._sql("SELECT id, statement FROM buyers WHERE master = ? AND "
-                                                    "statement IS NOT NULL"), (master,)) if r["id"] in wanted]
-        for r in rows:
-            numbers.setdefault(r["statement"], []).append(r["id"])
+        wanted = set(ids)  # one read of the master's stated buyers, not a round trip each
+        for r in self._rows(self._sql("SELECT id, statement FROM buyers WHERE master = ? AND statement IS NOT NULL"),
+                            (master,)):
+            if r["id"] in wanted:
+                numbers.setdefault(r["statement"], []).append(r["id"])
         out = {}
         for number, wanted in numbers.items():
             body = self._rows(self._sql("SELECT body FROM statements WHERE number = ?"), (number,))[0]["body"]
@@ -280,18 +276,21 @@ class Ledger:
             raise BadInput(f"buyer {b[0]['name']} (id {buyer_id}) of master {master!r} is already revoked")
         return self.log_event("revoke", master, id=buyer_id, name=b[0]["name"], reason=reason)
 
+    def _logged(self, action: str, master: str) -> list[dict]:
+        """The master's signed entries of one action, oldest first, as {seq, at, **detail} (the index on
+        (action, master) finds them without reading the rest of the log)."""
+        rows = self._rows(self._sql("SELECT seq, at, detail FROM audit WHERE action = ? AND master = ? "
+                                    "AND hash IS NOT NULL ORDER BY seq"), (action, master))
+        return [{"seq": r["seq"], "at": r["at"], **d} for r in rows if isinstance(d := _detail(r["detail"]), dict)]
+
     def revocations(self, master: str) -> dict[int, dict]:
         """Revoked buyers of a master, by ID: when and why (read from the signed log, their one record)."""
-        rows = self._rows(self._sql("SELECT at, detail FROM audit WHERE action = 'revoke' AND master = ? "
-                                    "AND hash IS NOT NULL ORDER BY seq"), (master,))
-        return {d["id"]: {"at": r["at"], "reason": d.get("reason", "")} for r in rows
-                if isinstance(d := _detail(r["detail"]), dict) and "id" in d}
+        return {e["id"]: {"at": e["at"], "reason": e.get("reason", "")} for e in self._logged("revoke", master)
+                if "id" in e}
 
     def revealed(self, master: str) -> dict | None:
         """The last time an evidence bundle revealed the master's key (its "reveal" entry), or None."""
-        r = self._rows(self._sql("SELECT seq, at, detail FROM audit WHERE action = 'reveal' AND master = ? "
-                                 "ORDER BY seq DESC LIMIT 1"), (master,))
-        return {"seq": r[0]["seq"], "at": r[0]["at"], **json.loads(r[0]["detail"])} if r else None
+        return next(reversed(self._logged("reveal", master)), None)
 
     def commitment(self, master: str) -> dict:
         """A master's key commitment, its nonce (secret until revealed) and the entry that committed it."""
