@@ -35,12 +35,7 @@ FORMAT = "wmtrace/evidence"
 
 def write_document(path: Path, doc: dict) -> None:
     """A signed document as its canonical bytes (what its signature and any timestamp cover), atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(canonical(doc) + b"\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    formats.stream.write_atomic(path, [canonical(doc) + b"\n"], digest=False)
 
 
 def publish(reg: Registry, master: str, issued: Sequence[Buyer], out: Path) -> dict | None:

@@ -172,9 +172,13 @@ class _Bundle:
     def key(self) -> bytes:
         return bytes.fromhex(self.reveal["key"])
 
+    def names(self) -> dict[int, str]:
+        """The accused buyers' names, from their receipts' leaves."""
+        return {i: self.receipt(i)["leaf"]["name"] for i in self.accused}
+
     def accused_names(self) -> list[dict]:
         try:
-            return [{"id": i, "name": self.receipt(i)["leaf"]["name"]} for i in self.accused]
+            return [{"id": i, "name": name} for i, name in self.names().items()]
         except (Rejected, KeyError, TypeError, ValueError):
             return []
 
@@ -329,7 +333,7 @@ class _Bundle:
         m = self.manifest
         with tempfile.TemporaryDirectory(prefix="wmtrace-verify-") as cache:
             stored = self.path("stored.safetensors")
-            revealed = Revealed(self.reveal, self.key, {i: self.receipt(i)["leaf"]["name"] for i in self.accused},
+            revealed = Revealed(self.reveal, self.key, self.names(),
                                 self.path("carriers.safetensors"), stored if stored.exists() else None, Path(cache))
             result = trace_tensors(formats.open_tensors(self.leak), revealed, str(self.leak), m["master"],
                                    float(m["max_false_positive"]))
