@@ -97,6 +97,27 @@ class Ledger:
         with self._write() as c:
             return self.audit(c, action, master, **detail)
 
+    def log_trace(self, file: str, verdict: str, master: str | None, buyer: int | None,
+                  colluders: list[int] | None = None, sha256: str | None = None) -> dict:
+        """One signed entry per trace; `sha256`: the leak's (an evidence bundle points at this entry)."""
+        extra = ({"colluders": colluders} if colluders else {}) | ({"sha256": sha256} if sha256 else {})
+        return self.log_event("trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
+
+    def log_query(self, target: str, reveal: str, queries: int, verdict: str, master: str | None,
+                  buyer: int | None, colluders: list[int] | None = None) -> dict:
+        """One signed entry per query session: the target (a URL without credentials, or a path), what it
+        revealed, how many queries were answered, and the verdict."""
+        extra = {"colluders": colluders} if colluders else {}
+        return self.log_event("query", master, target=target, reveal=reveal, queries=queries, verdict=verdict,
+                              buyer=buyer, **extra)
+
+    def audit_log(self, limit: int = 100) -> list[dict]:
+        """The last `limit` entries, newest first, without their links (`audit_chain` has them)."""
+        rows = self._rows(self._sql("SELECT seq, at, action, master, detail FROM audit ORDER BY seq DESC LIMIT ?"),
+                          (limit,))
+        return [{"seq": r["seq"], "at": r["at"], "action": r["action"], "master": r["master"],
+                 "detail": json.loads(r["detail"])} for r in rows]
+
     def _append(self, c, prev: str, action: str, master: str | None, detail: dict) -> dict:
         at = self._now(c)
         h, sig = chain.seal(self.seller_key(), prev, at, action, master, detail)

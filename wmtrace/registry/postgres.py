@@ -341,21 +341,3 @@ class Registry(Ledger, Paths):
             self._import(c, buyers, audit, records)
             c.execute("SELECT setval(pg_get_serial_sequence('audit', 'seq'), COALESCE(MAX(seq), 0) + 1, false) "
                       "FROM audit")
-
-    def log_trace(self, file: str, verdict: str, master: str | None, buyer: int | None,
-                  colluders: list[int] | None = None, sha256: str | None = None) -> dict:
-        """One signed entry per trace; `sha256`: the leak's (an evidence bundle points at this entry)."""
-        extra = ({"colluders": colluders} if colluders else {}) | ({"sha256": sha256} if sha256 else {})
-        return self.log_event("trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
-
-    def log_query(self, target: str, reveal: str, queries: int, verdict: str, master: str | None,
-                  buyer: int | None, colluders: list[int] | None = None) -> None:
-        extra = {"colluders": colluders} if colluders else {}
-        with self._tx() as c:
-            self.audit(c, "query", master, target=target, reveal=reveal, queries=queries, verdict=verdict,
-                       buyer=buyer, **extra)
-
-    def audit_log(self, limit: int = 100) -> list[dict]:
-        rows = self._rows("SELECT * FROM audit ORDER BY seq DESC LIMIT %s", (limit,))
-        return [{"seq": r["seq"], "at": r["at"], "action": r["action"], "master": r["master"],
-                 "detail": json.loads(r["detail"])} for r in rows]

@@ -334,26 +334,3 @@ class Registry(Ledger, Files):
     def import_records(self, buyers: list[Buyer], audit: list[dict], records: dict | None = None) -> None:
         with self.transaction() as c:
             self._import(c, buyers, audit, records)
-
-    def log_trace(self, file: str, verdict: str, master: str | None, buyer: int | None,
-                  colluders: list[int] | None = None, sha256: str | None = None) -> dict:
-        """One signed entry per trace; `sha256`: the leak's (an evidence bundle points at this entry)."""
-        extra = ({"colluders": colluders} if colluders else {}) | ({"sha256": sha256} if sha256 else {})
-        return self.log_event("trace", master, file=file, verdict=verdict, buyer=buyer, **extra)
-
-    def log_query(self, target: str, reveal: str, queries: int, verdict: str, master: str | None,
-                  buyer: int | None, colluders: list[int] | None = None) -> None:
-        """One audit entry per query session: the target (a URL without credentials, or a path), what
-        it revealed, how many queries were answered, and the verdict."""
-        extra = {"colluders": colluders} if colluders else {}
-        with self.transaction() as c:
-            self.audit(c, "query", master, target=target, reveal=reveal, queries=queries, verdict=verdict,
-                       buyer=buyer, **extra)
-
-    def audit_log(self, limit: int = 100) -> list[dict]:
-        rows = self._rows("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
-        return [
-            {"seq": r["seq"], "at": r["at"], "action": r["action"], "master": r["master"],
-             "detail": json.loads(r["detail"])}
-            for r in rows
-        ]
