@@ -16,6 +16,9 @@ its test: the catalog finds it and the CLI grows a command for it.
 Attacks through the endpoint (what a leaker's server does with queries and answers) are declared the
 same way in `serve_*.py` modules (`serving.ServingAttack`), listed in `SERVING_ATTACKS`; `serve` wraps
 a model's predict function with one by name, `served` builds a leaker's deployment from files.
+
+Attacks on a denoiser's output images are declared in `image_*.py` modules (`imaging.ImageAttack`),
+listed in `IMAGE_ATTACKS`; `edit_images` runs one by name on images as (H, W, 3) uint8 arrays.
 """
 
 import os
@@ -25,14 +28,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput
-from . import serving
+from . import imaging, serving
 from .base import Attack, Param, State, prunable
-from .catalog import ATTACKS, SERVING_ATTACKS
+from .catalog import ATTACKS, IMAGE_ATTACKS, SERVING_ATTACKS
 from .center import center
 from .collude import COLLUDE_HOW, collude
 from .distill import distill
 from .files import apply, check, get
 from .finetune import finetune
+from .imaging import ImageAttack
 from .layers import BN_PARAMS, Hidden, hidden_layers, widths
 from .noise import noise
 from .overwrite import overwrite
@@ -48,10 +52,11 @@ from .trainer import OPTIMIZERS, Trainer, last_layers, make_optimizer
 from .transfer import COARSE_GROUPS, TRANSFER_TUNE, task_accuracy, transfer
 
 __all__ = [
-    "ATTACKS", "BN_PARAMS", "COARSE_GROUPS", "COLLUDE_HOW", "OPTIMIZERS", "PROJECT_PARTS", "PRUNE_MODES",
-    "QUANT_MODES", "SCALE_SUFFIX", "SERVING_ATTACKS", "TRANSFER_TUNE", "Attack", "Hidden", "Param", "Predict",
-    "ServingAttack", "State", "Trainer", "apply", "center", "check", "collude", "dequantize", "distill",
-    "file_predict", "finetune", "get", "hidden_layers", "last_layers", "make_optimizer", "noise", "overwrite",
+    "ATTACKS", "BN_PARAMS", "COARSE_GROUPS", "COLLUDE_HOW", "IMAGE_ATTACKS", "OPTIMIZERS", "PROJECT_PARTS",
+    "PRUNE_MODES", "QUANT_MODES", "SCALE_SUFFIX", "SERVING_ATTACKS", "TRANSFER_TUNE", "Attack", "Hidden",
+    "ImageAttack", "Param", "Predict", "ServingAttack", "State", "Trainer", "apply", "center", "check", "collude",
+    "dequantize", "distill", "edit_images", "file_predict", "finetune", "get", "hidden_layers", "image_attack",
+    "last_layers", "make_optimizer", "noise", "overwrite",
     "permute", "permute_attention", "project", "prunable", "prune", "prune_filters", "prune_global", "quantize",
     "serve", "serve_attack", "served", "shift", "task_accuracy", "transfer", "widths",
 ]
@@ -81,3 +86,18 @@ def served(files: Sequence[str | os.PathLike], factory: str | None = None, attac
             raise BadInput("several copies are served together only through a merging serving attack (ensemble)")
         return predicts[0], None
     return serve(attack, predicts, data, **(params or {})), serve_attack(attack).reveal
+
+
+def image_attack(name: str) -> ImageAttack:
+    attack = IMAGE_ATTACKS.get(name)
+    if attack is None:
+        raise BadInput(f"unknown image attack {name!r}: use one of {', '.join(IMAGE_ATTACKS)}")
+    return attack
+
+
+def edit_images(name: str, images: Sequence, seed: int = 0, **params: Any) -> list[np.ndarray]:
+    """`images` ((H, W, 3) uint8 arrays; for a merging attack such as `average`, one list of them per
+    copy) edited by the image attack `name`, its parameters checked against its declaration (as `serve`
+    checks a serving attack's) and its random choices drawn from `seed`. Returns new arrays."""
+    attack = image_attack(name)
+    return imaging.apply(attack, images, seed, check(attack, params))  # `check` reads only name and params

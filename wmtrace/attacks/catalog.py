@@ -1,9 +1,11 @@
 """Every attack family by name, found by looking: a module of this package that declares `ATTACK`
-(on weights, `ATTACKS`) or `SERVING` (through the endpoint, `SERVING_ATTACKS`; see `serving`).
+(on weights, `ATTACKS`), `SERVING` (through the endpoint, `SERVING_ATTACKS`; see `serving`) or `IMAGE`
+(on a denoiser's output images, `IMAGE_ATTACKS`; see `imaging`).
 
 Adding a family is adding its module (and its test); nothing here or in the CLI changes. Shared
-helpers (`base`, `layers`, `trainer`, `serving`) declare no attack and are passed over. The two
-kinds have separate names: the CLI's attack commands are built from `ATTACKS` alone.
+helpers (`base`, `layers`, `trainer`, `serving`, `imaging`) declare no attack and are passed over. The
+kinds have separate names: `wmtrace attack`'s commands are built from `ATTACKS` alone, `wmtrace
+edit-images`'s from `IMAGE_ATTACKS` (so an image attack may share a weight attack's name: `noise`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pkgutil
 from pathlib import Path
 
 from .base import Attack
+from .imaging import ImageAttack
 from .serving import ServingAttack
 
 _NOT_FAMILIES = {"catalog", "files"}  # this module, and the entry point that reads it
@@ -34,3 +37,4 @@ def _families(declaration: str = "ATTACK", kind: type = Attack) -> dict:
 
 ATTACKS: dict[str, Attack] = _families()
 SERVING_ATTACKS: dict[str, ServingAttack] = _families("SERVING", ServingAttack)
+IMAGE_ATTACKS: dict[str, ImageAttack] = _families("IMAGE", ImageAttack)

@@ -13,6 +13,7 @@ from . import (
     audit,
     buyers,
     demo,
+    edit_images,
     evidence,
     init,
     issue,
@@ -47,6 +48,7 @@ app.command()(evidence.evidence)
 app.command()(evidence.verify)
 app.add_typer(attack.app, name="attack")
 app.add_typer(audit.app, name="audit")
+app.add_typer(edit_images.app, name="edit-images")
 app.add_typer(keys.app, name="keys")
 app.add_typer(receipt.app, name="receipt")
 app.add_typer(registry.app, name="registry")
