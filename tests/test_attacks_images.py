@@ -278,8 +278,11 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, photo):
 
 
 def test_cli_help_lists_every_image_attack():
-    r = runner.invoke(app, ["edit-images", "--help"])
+    r = runner.invoke(app, ["edit-images", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and all(name in r.stdout for name in ALL)
+    for name, attack in IMAGE_ATTACKS.items():  # each declared parameter is an option of its command
+        sub = runner.invoke(app, ["edit-images", name, "--help"], env={"COLUMNS": "200"}).stdout
+        assert all(f"--{p.name}" in sub for p in attack.params) and "--seed" in sub, name
     r = runner.invoke(app, ["--help"])
     assert "edit-images" in r.stdout
     assert Path(imaging.__file__).stem not in IMAGE_ATTACKS
