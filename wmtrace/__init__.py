@@ -34,8 +34,10 @@ from .api import (
     revoke,
     sign_receipt,
     trace,
+    trace_images,
     verify,
     verify_audit,
+    write_probes,
 )
 from .errors import (
     BadArgument,
@@ -57,5 +59,6 @@ __all__ = [
     "backup", "collude", "ensure_example", "evidence", "export_public_key", "export_receipt", "init", "issue",
     "list_buyers", "materialize", "materialize_stream",
     "migrate_registry", "new_arbiter_key", "open_registry",
-    "open_target", "query", "record_receipt", "restore", "revoke", "sign_receipt", "trace", "verify", "verify_audit",
+    "open_target", "query", "record_receipt", "restore", "revoke", "sign_receipt", "trace", "trace_images", "verify",
+    "verify_audit", "write_probes",
 ]

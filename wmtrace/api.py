@@ -19,9 +19,9 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from . import fidelity, formats, modelio
-from .errors import BadInput
+from .errors import BadArgument, BadInput
 from .pipeline import evidence as evidence_mod
-from .pipeline import patches, receipts
+from .pipeline import images, patches, receipts
 from .pipeline import verify as verify_mod
 from .pipeline.issue import Progress, check_buyer_name, check_issue, issue
 from .pipeline.patches import check_store
@@ -47,7 +47,7 @@ __all__ = [
     "new_arbiter_key",
     "list_buyers", "materialize", "materialize_stream",
     "migrate_registry", "open_registry", "open_target", "query", "record_receipt", "restore", "revoke",
-    "sign_receipt", "trace", "verify_audit",
+    "sign_receipt", "trace", "trace_images", "verify_audit", "write_probes",
     "verify",
 ]
 
@@ -130,6 +130,29 @@ def collude(files: list[str | os.PathLike], how: str, out: str | os.PathLike) ->
     from . import attacks
 
     return attacks.apply("collude", list(files), out, how=how)
+
+
+def write_probes(reg: RegistryBackend, master: str, out: str | os.PathLike) -> list[Path]:
+    """The master's probe inputs as `probe-NN.png` files in `out`: what a suspect image-to-image model is
+    run on, its outputs then read by `trace_images`."""
+    return images.write_probes(reg, master, out)
+
+
+def trace_images(reg: RegistryBackend, outputs: list[str | os.PathLike] | None = None, master: str | None = None,
+                 model: str | os.PathLike | None = None,
+                 max_false_positive: float = DEFAULT_MAX_FALSE_POSITIVE) -> TraceResult:
+    """Name the buyer behind output images of the master's probes (files or folders, matched to probes by
+    their `probe-NN` names), or behind a model file run on the probes here (`model`: weights the master's
+    factory builds, or ONNX). Same verdicts, bounds and exit codes as `trace`."""
+    if (outputs is None) == (model is None):
+        raise BadArgument("outputs", "give output images or a model file, not both")
+    if model is not None:
+        names = [m.name for m in images.masters(reg, master)]
+        if len(names) != 1:
+            raise BadArgument("master", "name the master whose probes the model is run on (--master)")
+        found = images.run_model(images.file_model(model, reg, names[0]), reg, names[0])
+        return images.trace_images(found, reg, names[0], max_false_positive, name=str(model))
+    return images.trace_images(list(outputs), reg, master, max_false_positive)
 
 
 def list_buyers(reg: Registry, master: str | None = None) -> list[Buyer]:

@@ -63,8 +63,9 @@ def predictions(model: nn.Module, inputs: batches.Inputs, batch_size: int | None
 
 
 def nearest(embeddings: torch.Tensor) -> torch.Tensor:
-    """Each item's nearest other item by cosine similarity: retrieval over the held-out set."""
-    e = F.normalize(embeddings.float(), dim=-1)
+    """Each item's nearest other item by cosine similarity: retrieval over the held-out set (an output
+    image is one vector of its pixels)."""
+    e = F.normalize(embeddings.float().flatten(1), dim=-1)
     sim = e @ e.T
     sim.fill_diagonal_(-float("inf"))
     return sim.argmax(1)
@@ -72,7 +73,7 @@ def nearest(embeddings: torch.Tensor) -> torch.Tensor:
 
 def embedding_fidelity(ours: torch.Tensor, master: torch.Tensor) -> tuple[float, float]:
     """(mean cosine similarity to the master's embeddings, top-1 retrieval agreement with the master)."""
-    cosine = float(F.cosine_similarity(ours.float(), master.float(), dim=-1).mean())
+    cosine = float(F.cosine_similarity(ours.float().flatten(1), master.float().flatten(1), dim=-1).mean())
     return cosine, float((nearest(ours) == nearest(master)).float().mean())
 
 

@@ -83,9 +83,10 @@ def _fit(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-@functools.lru_cache(maxsize=3)
-def photographs(split: str) -> tuple[tuple[str, np.ndarray], ...]:
-    """(name, RGB uint8 array) of every photograph of a split that is installed, in a fixed order."""
+@functools.lru_cache(maxsize=6)
+def photographs(split: str, mate: bool = True) -> tuple[tuple[str, np.ndarray], ...]:
+    """(name, RGB uint8 array) of every photograph of a split that is installed, in a fixed order;
+    `mate=False`: scikit-image's alone (the same on every machine with the `vision` extra)."""
     if split not in CROPS:
         raise BadInput(f"unknown split {split!r} (use {', '.join(CROPS)})")
     from PIL import Image
@@ -96,7 +97,7 @@ def photographs(split: str) -> tuple[tuple[str, np.ndarray], ...]:
     for name in SKIMAGE[split]:
         img = getattr(data, name)()
         found.append((name, _fit(img[0] if isinstance(img, tuple) else img)))  # a stereo pair: its left view
-    for rel in MATE[split]:
+    for rel in MATE[split] if mate else ():
         path = MATE_DIR / rel
         if path.is_file():
             with Image.open(path) as im:

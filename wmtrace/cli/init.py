@@ -49,13 +49,20 @@ def init(
         float, typer.Option(help="Mark strength: RMS change of a carrier's filters over its weights' RMS")
     ] = api.DEFAULT_STRENGTH,
     schemes: Annotated[
-        str | None, typer.Option(help="Comma-separated: whitebox, blackbox [default: both where the model allows]")
+        str | None,
+        typer.Option(help="Comma-separated: whitebox, blackbox, images [default: the first two where allowed]"),
     ] = None,
     bb_margin: Annotated[
         float | None, typer.Option(help="Black-box: logit margin of each answer at a boundary query [default: 1.0]")
     ] = None,
     bb_tilt: Annotated[
         float | None, typer.Option(help="Black-box: logit tilt per bit on ordinary inputs [default: 0.02]")
+    ] = None,
+    image_psnr: Annotated[
+        float | None, typer.Option(help="Images: PSNR of a copy's output images to the master's [default: 45]")
+    ] = None,
+    image_layer: Annotated[
+        str | None, typer.Option(help="Images: the convolution weight to mark [default: the smoothest]")
     ] = None,
     fidelity: Annotated[
         float | None, typer.Option(help="Least fidelity of a copy on held-out data: top-1 agreement, or cosine "
@@ -83,6 +90,7 @@ def init(
                          scheme_names=[n.strip() for n in schemes.split(",") if n.strip()]
                          if schemes is not None else None,
                          bb_margin=bb_margin, bb_tilt=bb_tilt, fidelity_target=fidelity,
+                         image_psnr=image_psnr, image_layer=image_layer,
                          progress=None if as_json else _trial_progress(output))
     info = {
         "master": m.name,
@@ -97,6 +105,7 @@ def init(
                         if "whitebox" in m.config.schemes and Config.of(m).calibration else None),
         "blackbox": ({k: m.config.schemes["blackbox"][k] for k in ("head", "margin", "tilt")}
                      | {"queries": m.config.code.bits} if "blackbox" in m.config.schemes else None),
+        "images": m.config.schemes.get("images"),
         "code": {"symbols": m.config.code.symbols, "name": m.config.code.name},
         "key_fingerprint": m.key_fingerprint,
         "registry": reg.location,

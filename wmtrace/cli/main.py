@@ -15,6 +15,7 @@ from . import (
     demo,
     edit_images,
     evidence,
+    images,
     init,
     issue,
     keys,
@@ -46,6 +47,8 @@ app.command()(serve.serve)
 app.command()(revoke.revoke)
 app.command()(evidence.evidence)
 app.command()(evidence.verify)
+app.command()(images.probes)
+app.command("trace-images")(images.trace_images)
 app.add_typer(attack.app, name="attack")
 app.add_typer(audit.app, name="audit")
 app.add_typer(edit_images.app, name="edit-images")

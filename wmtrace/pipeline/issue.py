@@ -21,7 +21,7 @@ from ..coding import codes
 from ..errors import BadArgument, BadInput, SelfCheckFailed
 from ..evidence.statement import date
 from ..registry import Buyer, Master, Registry
-from . import evidence, patches
+from . import evidence, images, patches
 from .query import query_target
 from .register import ensure_example
 from .trace import trace_tensors
@@ -298,13 +298,18 @@ def _gate(b: Buyer, m: Master) -> None:
 def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Trace the copy before it leaves: a copy that would not name its buyer is never issued. With
     the black-box scheme it must also name its buyer from its top-1 labels alone (the least a
-    server reveals), read as `query` reads an endpoint."""
+    server reveals), read as `query` reads an endpoint; with the output-image scheme, from its output on
+    one probe."""
     if "whitebox" in m.config.schemes:
         arrays = {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
         _check(b, trace_tensors(arrays, reg, master=m.name, pending=[b]), "embedded")
     if "blackbox" in m.config.schemes:
         target = targets.ModuleTarget(model, f"copy of {b.name}", reveal="top1")
         _check(b, query_target(target, reg, m.name, pending=[b]), "black-box")
+    if "images" in m.config.schemes:  # from one output image, as it would be saved (8-bit)
+        outputs = images.run_model(model, reg, m.name)[:1]
+        _check(b, images.trace_images(outputs, reg, m.name, name=f"copy of {b.name}", pending=[b], log=False),
+               "output-image")
 
 
 def _check(b: Buyer, result, what: str) -> None:

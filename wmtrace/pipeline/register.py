@@ -59,6 +59,8 @@ def init(
     bb_tilt: float | None = None,
     fidelity_target: float | None = None,
     progress: Callable[[object], None] | None = None,
+    image_psnr: float | None = None,
+    image_layer: str | None = None,
 ) -> Master:
     """Register a master: copy its weights into the registry, prepare its scheme, create its key.
 
@@ -68,7 +70,8 @@ def init(
     fidelity is measured and repaired; `loss` (module:function(output, master_output)) overrides it.
     `scheme_names` names the schemes to register (default: white-box, and black-box where the model is a
     classifier ending in a linear layer, with tensor inputs and training data); `bb_margin` and
-    `bb_tilt` set the black-box mark's strengths (`schemes.blackbox.Config`).
+    `bb_tilt` set the black-box mark's strengths (`schemes.blackbox.Config`); `image_psnr` and
+    `image_layer` the output-image mark's visibility and layer (`schemes.images.Config`).
 
     `fidelity_target` (default: `calibrate.DEFAULT_TARGET` for the output, 0: none) is the least
     fidelity a copy may have on the held-out split: `strength` becomes the ceiling of a search for the
@@ -96,7 +99,8 @@ def init(
     probe = modelio.tensors(data_set, COST_SAMPLES)[0] if data_set is not None else None  # a few real inputs
     options = {"carriers": carriers, "layers": layers, "strength": strength, "steps": steps,
                "placement": placement, "output": output, "loss": loss, "margin": bb_margin, "tilt": bb_tilt,
-               "fidelity": target, "eval_samples": eval_samples, "progress": progress}
+               "fidelity": target, "eval_samples": eval_samples, "progress": progress,
+               "image_psnr": image_psnr, "image_layer": image_layer}
     master = schemes.MasterModel(model, state, train, probe, test)
     prepared, stored = _prepare(master, spec.bits, options, scheme_names)
     accuracy = None

@@ -9,9 +9,10 @@ from __future__ import annotations
 from ..errors import BadInput
 from .base import Issuer, Located, MasterModel, Scheme
 from .blackbox import BlackBox
+from .images import Images
 from .whitebox import WhiteBox
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (WhiteBox(), BlackBox())}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (WhiteBox(), BlackBox(), Images())}
 
 
 def get(name: str) -> Scheme:
