@@ -45,7 +45,7 @@ class Reader:
 
     def soft_bits(self, outputs: list[tuple[int, torch.Tensor]]) -> tuple[np.ndarray, float]:
         """Soft bits from (probe index, output C x h x w in [0, 1]) pairs, and the largest absolute
-        difference from the master's outputs seen (0: these are the master's own outputs)."""
+        difference from the master's outputs on the 8-bit grid (0: these are the master's own outputs)."""
         total = torch.zeros(len(self.a), dtype=torch.float64)
         largest = 0.0
         for i, y in outputs:
@@ -53,7 +53,8 @@ class Reader:
                 raise BadInput(f"probe {i} does not exist (the master has {len(self.probes)})")
             ref = self.reference[i]
             aligned, mask = align(y.float(), ref)
-            largest = max(largest, float(((aligned - ref) * mask).abs().max()))
+            grid = (ref.clamp(0, 1) * 255).round() / 255  # the master's output as an image file holds it
+            largest = max(largest, float(((aligned - grid) * mask).abs().max()))
             kernel, offset = channel.fit(ref, aligned, mask)
             residual = (aligned - channel.apply(kernel, offset, ref)) * channel.interior(mask)
             total += directions.project(self.model, self.cfg.layer, self.probes[i : i + 1],
