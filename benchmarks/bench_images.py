@@ -72,11 +72,12 @@ class Scorer:
         return z >= self.threshold
 
 
-def register(root: Path, buyers: int):
+def register(root: Path, buyers: int, mirror: bool = True):
     reg = api.open_registry(root / "registry", create=True)
     t = time.time()
     api.init(reg, "den", denoise.weights(), "wmtrace.denoise:build", data="wmtrace.denoise:dataset",
-             scheme_names=["whitebox", "images"], output="embedding", strength=0.02, fidelity_target=0)
+             scheme_names=["whitebox", "images"], output="embedding", strength=0.02, fidelity_target=0,
+             image_mirror=mirror)
     init_s = time.time() - t
     t = time.time()
     issued = api.issue(reg, buyers=buyers, out=root / "out")
@@ -197,6 +198,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--archs", default="same,unet,cnn")
     ap.add_argument("--losses", default="l2,l1")
+    ap.add_argument("--plain", action="store_true", help="register with --image-plain (not mirror-symmetric)")
     args = ap.parse_args()
     torch.manual_seed(0)
     machine = f"{platform.node()} {platform.processor() or platform.machine()}"
@@ -205,7 +207,7 @@ def main() -> None:
               "crowd": args.crowd}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        reg, issued, info = register(Path(tmp), args.buyers)
+        reg, issued, info = register(Path(tmp), args.buyers, not args.plain)
         result.update(info)
         sc = Scorer(reg, args.crowd)
         result["threshold"] = round(sc.threshold, 3)

@@ -25,15 +25,14 @@ from __future__ import annotations
 import io
 import logging
 import os
-import struct
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadArgument, BadInput, CorruptFile, InternalError, first_line
+from ..errors import BadArgument, BadInput, InternalError
+from ..formats.images import MAX_PIXELS, SUFFIXES, array, image_files, read_image  # noqa: F401 (re-exported)
 from ..formats.stream import write_atomic
 from .base import Param
 
@@ -41,10 +40,6 @@ log = logging.getLogger("wmtrace")
 
 # list[image] (list[list[image]] when merging), rng, **params -> list[image]
 RunImages = Callable[..., list[np.ndarray]]
-# One image above this many pixels is refused before it is decoded (a 50-megapixel RGB image is 150 MB).
-MAX_PIXELS = 50_000_000
-# What a folder's images are: its files with these suffixes (others are passed over, with a note).
-SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 
 
 @dataclass(frozen=True)
@@ -105,72 +100,6 @@ def pil(a: np.ndarray):
     from PIL import Image
 
     return Image.fromarray(np.ascontiguousarray(a), "RGB")
-
-
-def array(img) -> np.ndarray:
-    """A Pillow image as a new, writable (H, W, 3) uint8 array."""
-    return np.array(img.convert("RGB"), dtype=np.uint8)
-
-
-def _eight_bit(img, path: Path) -> np.ndarray:
-    """A decoded image as 8-bit RGB: 16-bit grey scaled (Pillow's own conversion would clip it at 255),
-    32-bit integer and float pixels refused (their range is a guess)."""
-    if img.mode.startswith("I;16"):
-        grey = np.rint(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if img.mode in ("I", "F"):
-        raise BadInput(f"{path}: {'float' if img.mode == 'F' else '32-bit'} pixels; give 8- or 16-bit images")
-    return array(img)
-
-
-def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """The files `paths` name: a file as given (whatever its suffix), a folder as its image files
-    (`SUFFIXES`, hidden files and subfolders passed over) sorted by name."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            try:
-                found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-            except OSError as e:
-                raise BadInput(f"{p}: cannot list the folder ({e.strerror})") from e
-            images = [f for f in found if f.suffix.lower() in SUFFIXES]
-            if not images:
-                raise BadInput(f"{p}: no images in this folder (looked for {', '.join(SUFFIXES)})")
-            if len(images) < len(found):
-                log.warning("%s: passed over %d file(s) without an image suffix", p, len(found) - len(images))
-            files += images
-        elif p.is_file():
-            files.append(p)
-        elif p.exists():
-            raise BadInput(f"{p}: not a file or folder")
-        else:
-            raise BadInput(f"{p}: no such file or folder")
-    return files
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """One image file as an (H, W, 3) uint8 array (RGB; the first frame of an animation), its size
-    checked against `MAX_PIXELS` before decoding. Anything Pillow cannot read whole is one BadInput line."""
-    from PIL import Image
-
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise CorruptFile(f"{path}: {w}x{h} pixels, over the budget of {MAX_PIXELS / 1e6:g} megapixels")
-                img.load()
-                return _eight_bit(img, path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise CorruptFile(f"{path}: {first_line(e)}") from e
-    except Image.UnidentifiedImageError as e:
-        raise BadInput(f"{path}: not an image (Pillow reads no format in it)") from e
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # what Pillow raises on damaged data
-        if isinstance(e, OSError) and e.errno is not None:  # unreadable: permissions, a vanished file
-            raise BadInput(f"{path}: cannot read ({e.strerror})") from e
-        raise CorruptFile(f"{path}: damaged or truncated image ({first_line(e)})") from e
 
 
 def read_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, np.ndarray]]:

@@ -64,6 +64,11 @@ def init(
     image_layer: Annotated[
         str | None, typer.Option(help="Images: the convolution weight to mark [default: the smoothest]")
     ] = None,
+    image_mirror: Annotated[
+        bool, typer.Option("--image-mirror/--image-plain",
+                           help="Images: a mark that survives surrogates trained on flipped pairs, or one that "
+                                "survives JPEG, resizing and blur better")
+    ] = True,
     fidelity: Annotated[
         float | None, typer.Option(help="Least fidelity of a copy on held-out data: top-1 agreement, or cosine "
                                         "for encoders; --strength is then the ceiling of a search (0: no target) "
@@ -90,7 +95,7 @@ def init(
                          scheme_names=[n.strip() for n in schemes.split(",") if n.strip()]
                          if schemes is not None else None,
                          bb_margin=bb_margin, bb_tilt=bb_tilt, fidelity_target=fidelity,
-                         image_psnr=image_psnr, image_layer=image_layer,
+                         image_psnr=image_psnr, image_layer=image_layer, image_mirror=image_mirror,
                          progress=None if as_json else _trial_progress(output))
     info = {
         "master": m.name,

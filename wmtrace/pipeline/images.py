@@ -67,12 +67,12 @@ def write_probes(reg: Registry, master: str, folder: str | os.PathLike) -> list[
 def read_outputs(paths: Sequence[str | os.PathLike]) -> list[tuple[int, torch.Tensor]]:
     """(probe index, image) for each output file, the index read from its name (`probe-NN`)."""
     found = []
-    for f in image_files.files(list(paths)):
+    for f in image_files.image_files(list(paths)):
         match = _NUMBER.search(f.stem)
         if match is None:
             raise BadInput(f"{f}: cannot tell which probe this output answers: name outputs as the probes "
                            "were named (probe-00.png, ...)")
-        found.append((int(match.group(1)), image_files.from_pixels(image_files.read(f))))
+        found.append((int(match.group(1)), image_files.from_pixels(image_files.read_image(f))))
     return found
 
 

@@ -61,6 +61,7 @@ def init(
     progress: Callable[[object], None] | None = None,
     image_psnr: float | None = None,
     image_layer: str | None = None,
+    image_mirror: bool = True,
 ) -> Master:
     """Register a master: copy its weights into the registry, prepare its scheme, create its key.
 
@@ -71,7 +72,8 @@ def init(
     `scheme_names` names the schemes to register (default: white-box, and black-box where the model is a
     classifier ending in a linear layer, with tensor inputs and training data); `bb_margin` and
     `bb_tilt` set the black-box mark's strengths (`schemes.blackbox.Config`); `image_psnr` and
-    `image_layer` the output-image mark's visibility and layer (`schemes.images.Config`).
+    `image_layer` the output-image mark's visibility and layer, `image_mirror` whether it is built to
+    survive surrogates trained on flipped pairs or edits of the images (`schemes.images.Config`).
 
     `fidelity_target` (default: `calibrate.DEFAULT_TARGET` for the output, 0: none) is the least
     fidelity a copy may have on the held-out split: `strength` becomes the ceiling of a search for the
@@ -100,7 +102,8 @@ def init(
     options = {"carriers": carriers, "layers": layers, "strength": strength, "steps": steps,
                "placement": placement, "output": output, "loss": loss, "margin": bb_margin, "tilt": bb_tilt,
                "fidelity": target, "eval_samples": eval_samples, "progress": progress,
-               "image_psnr": image_psnr, "image_layer": image_layer}
+               "image_psnr": image_psnr, "image_layer": image_layer,
+               "image_mirror": image_mirror}
     master = schemes.MasterModel(model, state, train, probe, test)
     prepared, stored = _prepare(master, spec.bits, options, scheme_names)
     accuracy = None

@@ -45,6 +45,10 @@ class Config:
     strength: float  # s: the weight change is s * sum_i c_i A_i (A_i at unit output energy per pixel)
     psnr: float = DEFAULT_PSNR  # the copies' outputs' PSNR to the master's, on the probes
     seed: int = 0  # the base directions' seed (not secret: the key assigns bits)
+    # Kernels mirror-symmetric (`directions.mirrored`): marks that survive surrogates trained on flipped
+    # pairs; False: the smoothest directions of the full space, which survive JPEG, resizing and blur
+    # better (BENCHMARKS.md, *Marks in output images*).
+    mirror: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -78,10 +82,11 @@ class Images:
         if layer not in directions.conv_layers(model):
             raise BadArgument("image_layer", f"{layer!r} is not a convolution weight of the model")
         seed = int(options.get("seed") or 0)
-        dirs = directions.choose(model, layer, fit, bits, seed)
+        mirror = options.get("image_mirror") is not False
+        dirs = directions.choose(model, layer, fit, bits, seed, mirror)
         psnr = float(options.get("image_psnr") or DEFAULT_PSNR)
         strength = calibrate(model, layer, dirs, probes, psnr, seed)
-        config = Config(layer, strength, psnr, seed)
+        config = Config(layer, strength, psnr, seed, mirror)
         return config.to_dict(), {PREFIX + "directions": dirs.contiguous(), PREFIX + "probes": probes.contiguous()}
 
     def issuer(self, master: MasterModel, m: Master, config: dict, key: bytes,
