@@ -17,7 +17,7 @@ import typer
 
 from .. import api
 from ..attacks import ATTACKS, Attack, Param
-from .common import JsonOpt, emit, group, guarded, out
+from .common import JsonOpt, derived, emit, group, out
 
 app = group("Attack weight files as a leaker would (writes safetensors), to measure what a trace survives.")
 
@@ -88,12 +88,7 @@ def command(attack: Attack):
         else:
             report(attack, info)
 
-    run.__name__ = "attack_" + attack.name.replace("-", "_")
-    run.__doc__ = attack.summary
-    wrapped = guarded(run)
-    wrapped.__signature__ = _signature(attack)
-    wrapped.__annotations__ = {p.name: p.annotation for p in wrapped.__signature__.parameters.values()}
-    return wrapped
+    return derived(run, "attack_" + attack.name.replace("-", "_"), attack.summary, _signature(attack))
 
 
 for _attack in ATTACKS.values():

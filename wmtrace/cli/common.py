@@ -132,3 +132,13 @@ class OneLineErrors(typer.core.TyperGroup):
 def group(help: str, **kwargs) -> typer.Typer:
     """A command group with wmtrace's settings (no pretty tracebacks: errors are one line)."""
     return typer.Typer(help=help, no_args_is_help=True, pretty_exceptions_enable=False, **kwargs)
+
+
+def derived(run, name: str, doc: str, signature) -> object:
+    """A command built from a declaration (an attack's parameters): `run` under the one error handler,
+    with the `inspect.Signature` typer reads its options from."""
+    run.__name__, run.__doc__ = name, doc
+    wrapped = guarded(run)
+    wrapped.__signature__ = signature
+    wrapped.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    return wrapped

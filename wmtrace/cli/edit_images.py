@@ -20,7 +20,7 @@ import typer
 from ..attacks import IMAGE_ATTACKS, ImageAttack, edit_images, imaging
 from ..errors import BadInput
 from .attack import _option
-from .common import JsonOpt, emit, group, guarded, out
+from .common import JsonOpt, derived, emit, group, out
 
 app = group("Edit output images as a leaker would (writes PNG), to measure what a trace of images survives.")
 
@@ -111,12 +111,7 @@ def command(attack: ImageAttack):
         else:
             _report(attack, info)
 
-    run.__name__ = "edit_images_" + attack.name.replace("-", "_")
-    run.__doc__ = attack.summary
-    wrapped = guarded(run)
-    wrapped.__signature__ = _signature(attack)
-    wrapped.__annotations__ = {p.name: p.annotation for p in wrapped.__signature__.parameters.values()}
-    return wrapped
+    return derived(run, "edit_images_" + attack.name.replace("-", "_"), attack.summary, _signature(attack))
 
 
 for _attack in IMAGE_ATTACKS.values():
