@@ -27,7 +27,7 @@ OutOpt = Annotated[Path, typer.Option("-o", "--out", help="Where to write the at
 ModelOpt = Annotated[str, typer.Option("--model", help="module:factory that builds the nn.Module")]
 DataOpt = Annotated[str, typer.Option("--data", help="module:function(split) -> Dataset of (input, label)")]
 # What the command prints after the arrow, besides the parameters: what the attack measured.
-REPORTS = ("attacker_ber", "task_accuracy", "agreement")
+REPORTS = ("attacker_ber", "task_accuracy", "agreement", "psnr_to_copy", "task_psnr_before", "task_psnr")
 
 
 def _option(attack: Attack, p: Param) -> inspect.Parameter:
