@@ -63,7 +63,7 @@ def test_copies_are_faithful_to_the_master(marked):
     copy = images.file_model(buyers[0].file, reg, "den")
     x = images.probes(reg, "den")
     with torch.no_grad():
-        assert denoise.psnr(denoise.quantize(copy(x)), denoise.quantize(model(x))) > 43.0
+        assert denoise.psnr(denoise.quantize(copy(x)), denoise.quantize(model(x))) > 42.0  # goal: 40
     assert abs(denoise.task_psnr(copy, count=32) - denoise.task_psnr(model, count=32)) < 0.4
 
 
