@@ -98,14 +98,14 @@ def test_named_after_edits_from_eight_images(marked, edit, params):
 
 
 def test_plain_mark_survives_jpeg(tmp_path):
-    """`image_mirror=False` trades surrogates for edits: JPEG 75 read from 8 images (z about 7 on the
-    example, where the mirrored default reads about 3)."""
+    """`image_mirror=False` trades surrogates for edits: JPEG 75 read from 16 images (z 6.8 on the benchmark's
+    copy, 6.6 from 8; the mirrored default reads 5.6 and 5.1); 16 keeps a margin over the keys' spread."""
     reg = api.open_registry(tmp_path / "registry", create=True)
     api.init(reg, "den", denoise.weights(), "wmtrace.denoise:build", data="tests.smallimages:dataset",
              scheme_names=["images"], output="embedding", image_layer="out.weight", image_mirror=False)
     b = api.issue(reg, buyers=1, out=tmp_path / "out")[0]
     assert reg.master("den").config.schemes["images"]["mirror"] is False
-    edited = edit_images("jpeg", _pixels(_outputs(reg, b.file))[:8], seed=3, quality=75)
+    edited = edit_images("jpeg", _pixels(_outputs(reg, b.file)), seed=3, quality=75)
     r = images.trace_images(_read(edited), reg, "den")
     assert r.verdict == "identified" and r.buyer["id"] == b.id
 
