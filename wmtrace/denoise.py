@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from . import vision
 from .errors import BadInput
+from .formats.images import quantize
 
 SIGMA = 25 / 255  # noise std on [0, 1] images
 CROP = {"train": 32, "test": 96, "unseen": 96}  # training crops are small (speed); test crops are probes
@@ -74,11 +75,6 @@ def weights() -> Path:
     if not WEIGHTS.is_file():
         raise BadInput(f"{WEIGHTS}: the denoiser's weights are not installed (python -m wmtrace.denoise train)")
     return WEIGHTS
-
-
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """To the 8-bit grid: what an image file holds."""
-    return (x.clamp(0, 1) * 255).round() / 255
 
 
 class Pairs(Dataset):

@@ -106,6 +106,11 @@ def write_png(pixels: np.ndarray, path: str | os.PathLike) -> None:
     write_atomic(path, [buf.getvalue()], digest=False)
 
 
+def quantize(x):
+    """A float image (tensor) in [0, 1] on the 8-bit grid: what an image file holds of it."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
 def to_pixels(x) -> np.ndarray:
     """A C x H x W tensor in [0, 1] as (H, W, 3) uint8 (a 1-channel image repeated)."""
     a = np.asarray(x.detach().float().clamp(0, 1).numpy() if hasattr(x, "detach") else x, dtype=np.float32)

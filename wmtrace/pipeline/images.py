@@ -83,7 +83,7 @@ def run_model(run: Run, reg: Registry, master: str) -> list[tuple[int, torch.Ten
         y = run(x)
     if not isinstance(y, torch.Tensor) or y.shape[0] != len(x):
         raise BadInput(f"the model answered {getattr(y, 'shape', type(y))} to {len(x)} probes")
-    return [(i, (y[i].float().clamp(0, 1) * 255).round() / 255) for i in range(len(x))]
+    return [(i, image_files.quantize(y[i].float())) for i in range(len(x))]
 
 
 def trace_images(

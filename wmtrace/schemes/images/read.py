@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import BadInput
+from ...formats.images import quantize
 from . import channel, directions
 from .scheme import Config, stored_tensor
 
@@ -53,8 +54,7 @@ class Reader:
                 raise BadInput(f"probe {i} does not exist (the master has {len(self.probes)})")
             ref = self.reference[i]
             aligned, mask = align(y.float(), ref)
-            grid = (ref.clamp(0, 1) * 255).round() / 255  # the master's output as an image file holds it
-            largest = max(largest, float(((aligned - grid) * mask).abs().max()))
+            largest = max(largest, float(((aligned - quantize(ref)) * mask).abs().max()))
             kernel, offset = channel.fit(ref, aligned, mask)
             residual = (aligned - channel.apply(kernel, offset, ref)) * channel.interior(mask)
             total += directions.project(self.model, self.cfg.layer, self.probes[i : i + 1],

@@ -118,14 +118,10 @@ class Marker:
               scale: float = 1.0) -> None:
         w = dict(model.named_parameters())[self.cfg.layer]
         delta = (self.cfg.strength * (signed(bits) @ self.a)).view_as(w).to(w.dtype)
+        psnr = self.cfg.psnr - 20 * math.log10(scale)  # a weaker mark asked for: `scale` of its amplitude
+        s = to_psnr(model.eval(), w, delta, self.probes, psnr, steps=1)  # nearly linear: one step is enough
         with torch.no_grad():
-            before = model.eval()(self.probes)
-            w += delta
-            mse = float((model(self.probes) - before).pow(2).mean())
-            target = 10 ** (-self.cfg.psnr / 10) * scale**2
-            if mse > 0:  # the output is nearly linear in a change this small: one rescaling
-                w += (math.sqrt(target / mse) - 1.0) * delta
-        model.eval()
+            w += s * delta
 
     def margin(self, model: nn.Module, bits: np.ndarray) -> float:
         return 1.0  # placed in closed form; the issue pipeline's self-check reads it from outputs
@@ -168,19 +164,27 @@ def calibrate(model: nn.Module, layer: str, dirs: torch.Tensor, probes: torch.Te
               seed: int) -> float:
     """The strength whose copies' outputs are `psnr` dB from the master's on the probes, for a random
     codeword (a mark's energy is the same for every codeword up to a few %: the subspace is orthonormal
-    under the output energy). Three secant steps: the output is not exactly linear in the strength."""
+    under the output energy). Three secant steps (`to_psnr`): the output is not exactly linear in the strength."""
     w = dict(model.named_parameters())[layer]
     c = torch.from_numpy(np.random.default_rng(seed).integers(0, 2, len(dirs)).astype(np.float32) * 2 - 1)
     delta = (c @ dirs).view_as(w) / math.sqrt(len(dirs))
+    return to_psnr(model, w, delta, probes, psnr, steps=3, s=10 ** (-psnr / 20)) / math.sqrt(len(dirs))
+
+
+def to_psnr(model: nn.Module, w: torch.Tensor, delta: torch.Tensor, probes: torch.Tensor, psnr: float,
+            steps: int, s: float = 1.0) -> float:
+    """The multiple of `delta` (a change of the weight `w`) that moves the model's outputs on the probes
+    `psnr` dB from where they were, by secant steps from `s`; `w` is left as it was."""
     with torch.no_grad():
         ref = model(probes)
-        s = 10 ** (-psnr / 20)
         original = w.detach().clone()
         try:
-            for _ in range(3):
+            for _ in range(steps):
                 w.copy_(original + s * delta)
                 mse = float((model(probes) - ref).pow(2).mean())
-                s *= 10 ** ((10 * math.log10(1 / max(mse, 1e-30)) - psnr) / 20)
+                if mse == 0:  # the change does not reach the outputs: nothing to scale
+                    break
+                s *= 10 ** ((10 * math.log10(1 / mse) - psnr) / 20)
         finally:
             w.copy_(original)
-    return s / math.sqrt(len(dirs))
+    return s
