@@ -162,6 +162,8 @@ class _Run:
         names = sorted(m.config.schemes, key=lambda n: schemes.get(n).stage)
         self.markers = [schemes.get(name).issuer(master, m, m.config.schemes[name], self.key, stored)
                         for name in names]
+        # The output-image self-check reads each copy against the master's outputs: computed once here.
+        self.image_reader = images.master_reader(reg, m, model) if "images" in m.config.schemes else None
         self.dtypes = {k: getattr(torch, v) for k, v in m.config.dtypes.items()}
         self.template = None  # a GGUF master's metadata, read when the first copy is written
         self.patcher = patches.Patcher(m) if store == "patch" else None  # the master's file, mapped once
@@ -199,7 +201,7 @@ class _Run:
             scale /= math.sqrt(2.0)
         _gate(b, m)
         try:
-            _verify(self.reg, m, b, final, model)
+            _verify(self.reg, m, b, final, model, self.image_reader)
         except SelfCheckFailed as e:
             if scale == 1.0:
                 raise
@@ -295,7 +297,8 @@ def _gate(b: Buyer, m: Master) -> None:
                               "with a lower --strength or --fidelity)")
 
 
-def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor], model: torch.nn.Module,
+            image_reader=None) -> None:
     """Trace the copy before it leaves: a copy that would not name its buyer is never issued. With
     the black-box scheme it must also name its buyer from its top-1 labels alone (the least a
     server reveals), read as `query` reads an endpoint; with the output-image scheme, from its output on
@@ -308,8 +311,8 @@ def _verify(reg: Registry, m: Master, b: Buyer, state: dict[str, torch.Tensor], 
         _check(b, query_target(target, reg, m.name, pending=[b]), "black-box")
     if "images" in m.config.schemes:  # from one output image, as it would be saved (8-bit)
         outputs = images.run_model(model, reg, m.name)[:1]
-        _check(b, images.trace_images(outputs, reg, m.name, name=f"copy of {b.name}", pending=[b], log=False),
-               "output-image")
+        _check(b, images.trace_images(outputs, reg, m.name, name=f"copy of {b.name}", pending=[b], log=False,
+                                      reader=image_reader), "output-image")
 
 
 def _check(b: Buyer, result, what: str) -> None:
