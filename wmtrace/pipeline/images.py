@@ -24,6 +24,7 @@ from ..formats import images as image_files
 from ..registry import Buyer, Master, Registry
 from ..schemes.images import NAME
 from ..schemes.images.read import Reader
+from ..schemes.images.scheme import stored_tensor
 from .query import _named_by_score as named_by_score
 from .trace import COLLUDERS, DEFAULT_MAX_FALSE_POSITIVE, IDENTIFIED, NO_WATERMARK, UNKNOWN_MASTER, Issued, TraceResult
 from .trace import _verdict as verdict
@@ -45,7 +46,7 @@ def probes(reg: Registry, master: str) -> torch.Tensor:
     m = reg.master(master)
     if NAME not in m.config.schemes:
         raise BadInput(f"master {master!r} carries no output-image mark (register it with --schemes ...,images)")
-    return torch.from_numpy(np.ascontiguousarray(reg.stored(m)["images.probes"])).float()
+    return stored_tensor(reg.stored(m), "probes").float()
 
 
 def write_probes(reg: Registry, master: str, folder: str | os.PathLike) -> list[Path]:
